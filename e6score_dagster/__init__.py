@@ -1,0 +1,5 @@
+"""E6Score as Dagster assets."""
+
+from e6score_dagster.definitions import defs
+
+__all__ = ["defs"]

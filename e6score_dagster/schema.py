@@ -5,21 +5,58 @@ from __future__ import annotations
 import re
 
 POSTS_COLUMNS: tuple[str, ...] = (
-    "id", "uploader_id", "created_at", "md5", "source", "rating", "image_width",
-    "image_height", "tag_string", "locked_tags", "fav_count", "file_ext", "parent_id",
-    "change_seq", "approver_id", "file_size", "comment_count", "description", "duration",
-    "updated_at", "is_deleted", "is_pending", "is_flagged", "score", "up_score",
-    "down_score", "is_rating_locked", "is_status_locked", "is_note_locked",
+    "id",
+    "uploader_id",
+    "created_at",
+    "md5",
+    "source",
+    "rating",
+    "image_width",
+    "image_height",
+    "tag_string",
+    "locked_tags",
+    "fav_count",
+    "file_ext",
+    "parent_id",
+    "change_seq",
+    "approver_id",
+    "file_size",
+    "comment_count",
+    "description",
+    "duration",
+    "updated_at",
+    "is_deleted",
+    "is_pending",
+    "is_flagged",
+    "score",
+    "up_score",
+    "down_score",
+    "is_rating_locked",
+    "is_status_locked",
+    "is_note_locked",
 )
 TAGS_COLUMNS: tuple[str, ...] = ("id", "name", "category", "post_count")
 POOLS_COLUMNS: tuple[str, ...] = (
-    "id", "name", "created_at", "updated_at", "creator_id", "description",
-    "is_active", "category", "post_ids",
+    "id",
+    "name",
+    "created_at",
+    "updated_at",
+    "creator_id",
+    "description",
+    "is_active",
+    "category",
+    "post_ids",
 )
 
 TAG_CATEGORIES: dict[int, str] = {
-    0: "general", 1: "artist", 3: "copyright", 4: "character",
-    5: "species", 6: "invalid", 7: "meta", 8: "lore",
+    0: "general",
+    1: "artist",
+    3: "copyright",
+    4: "character",
+    5: "species",
+    6: "invalid",
+    7: "meta",
+    8: "lore",
 }
 RATINGS: tuple[str, ...] = ("s", "q", "e")
 

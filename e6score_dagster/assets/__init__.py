@@ -1,0 +1,1 @@
+"""One module per pipeline stage; each asset records its lineage in DuckDB."""

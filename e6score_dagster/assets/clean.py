@@ -1,0 +1,184 @@
+"""Posts as typed rows in DuckDB; every row the dump has is either cleaned or rejected."""
+
+import time
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from e6score_dagster.csv_read import (
+    DumpFormatError,
+    check_header,
+    csv_rejects_count_sql,
+    read_csv_sql,
+)
+from e6score_dagster.schema import POSTS_COLUMNS
+from e6score_dagster.store import read_lineage, record_lineage, table_metadata, transaction
+
+TS_FORMATS = "['%Y-%m-%d %H:%M:%S.%f', '%Y-%m-%d %H:%M:%S']"
+
+
+def _bool(col: str) -> str:
+    return f"CASE lower(trim({col})) WHEN 't' THEN true WHEN 'f' THEN false END AS {col}"
+
+
+def _int(col: str, kind: str = "BIGINT") -> str:
+    return f"TRY_CAST(trim({col}) AS {kind}) AS {col}"
+
+
+def _ts(col: str) -> str:
+    return f"TRY_STRPTIME(trim({col}), {TS_FORMATS}) AS {col}"
+
+
+# Typed projection of the raw VARCHAR columns; unrepairable values are caught by REJECT_REASON.
+TYPED_COLUMNS = ",\n".join(
+    [
+        "id AS id_raw",
+        _int("id"),
+        _int("uploader_id"),
+        _ts("created_at"),
+        "created_at AS created_at_raw",
+        "md5",
+        "source",
+        "lower(trim(rating)) AS rating",
+        _int("image_width", "INTEGER"),
+        _int("image_height", "INTEGER"),
+        "tag_string",
+        "locked_tags",
+        _int("fav_count"),
+        "fav_count AS fav_count_raw",
+        "lower(trim(file_ext)) AS file_ext",
+        _int("parent_id"),
+        _int("change_seq"),
+        _int("approver_id"),
+        _int("file_size"),
+        _int("comment_count", "INTEGER"),
+        "description",
+        "TRY_CAST(trim(duration) AS DOUBLE) AS duration",
+        _ts("updated_at"),
+        *(_bool(c) for c in ("is_deleted", "is_pending", "is_flagged")),
+        _int("score", "INTEGER"),
+        _int("up_score", "INTEGER"),
+        _int("down_score", "INTEGER"),
+        *(_bool(c) for c in ("is_rating_locked", "is_status_locked", "is_note_locked")),
+        "list_distinct(list_filter(string_split(trim(coalesce(tag_string, '')), ' '), "
+        "lambda t: t <> '')) AS tags",
+    ]
+)
+
+REJECT_REASON = """
+CASE
+  WHEN id IS NULL THEN 'id is not an integer: '
+       || coalesce('''' || left(id_raw, 40) || '''', 'empty')
+  WHEN id <= 0 THEN 'id is not positive'
+  WHEN fav_count IS NULL THEN 'fav_count is not an integer: '
+       || coalesce('''' || left(fav_count_raw, 40) || '''', 'empty')
+  WHEN fav_count < 0 THEN 'fav_count is negative'
+  WHEN created_at IS NULL THEN 'created_at is not a timestamp: '
+       || coalesce('''' || left(created_at_raw, 40) || '''', 'empty')
+  WHEN rating IS NULL OR rating NOT IN ('s', 'q', 'e') THEN 'rating is not s, q or e'
+END
+"""
+
+CLEAN_COLUMNS = ", ".join([*POSTS_COLUMNS, "tags"])
+
+
+@dg.asset(
+    group_name="ingest",
+    deps=["raw_dump"],
+    kinds={"duckdb"},
+    code_version="1",
+    pool="duckdb",
+    description="Posts of the current dump as typed DuckDB rows (timestamps, booleans, a tag "
+    "array). Rows that cannot be repaired go to `rejected_rows` with their reason, so "
+    "`cleaned_posts` + `rejected_rows` account for every row of the dump.",
+)
+def cleaned_posts(
+    context: dg.AssetExecutionContext, duckdb: DuckDBResource
+) -> dg.MaterializeResult:
+    t0 = time.perf_counter()
+    with duckdb.get_connection() as conn:
+        dump_date, dump = read_lineage(conn, "raw_dump")
+        posts = Path(dump["posts"])
+        try:
+            header = check_header(posts, POSTS_COLUMNS)
+        except DumpFormatError as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        context.log.info(f"reading posts of {dump_date} from {dump['posts']}")
+        conn.execute(
+            f"CREATE OR REPLACE TEMP TABLE staged AS SELECT {TYPED_COLUMNS} "
+            f"FROM {read_csv_sql(posts, header, 'posts_rejects')}"
+        )
+        conn.execute("ALTER TABLE staged ADD COLUMN reason VARCHAR")
+        conn.execute(f"UPDATE staged SET reason = {REJECT_REASON}")
+        # Duplicate ids: keep the newest edit of the post, reject the others by name.
+        conn.execute(
+            """
+            UPDATE staged SET reason = 'duplicate id (the row with the newest change_seq was kept)'
+            WHERE rowid IN (
+                SELECT rid FROM (
+                    SELECT s.rowid AS rid, row_number() OVER (
+                        PARTITION BY s.id
+                        ORDER BY s.change_seq DESC NULLS LAST, s.updated_at DESC NULLS LAST, s.rowid
+                    ) AS rn
+                    FROM staged s
+                    WHERE s.reason IS NULL AND s.id IN (
+                        SELECT id FROM staged WHERE reason IS NULL GROUP BY id HAVING count(*) > 1
+                    )
+                ) WHERE rn > 1
+            )
+            """
+        )
+        t_parse = time.perf_counter() - t0
+        csv_rejected = conn.execute(csv_rejects_count_sql("posts_rejects")).fetchone()[0]
+        with transaction(conn):
+            conn.execute(
+                f"CREATE OR REPLACE TABLE cleaned_posts AS SELECT {CLEAN_COLUMNS} "
+                "FROM staged WHERE reason IS NULL"
+            )
+            conn.execute(
+                f"""
+                CREATE OR REPLACE TABLE rejected_rows AS
+                SELECT DATE '{dump_date}' AS dump_date, 'posts' AS file, 'csv' AS stage,
+                       line, NULL::VARCHAR AS id,
+                       string_agg(DISTINCT error_type || ': ' || error_message, '; ') AS reason,
+                       any_value(left(csv_line, 4096)) AS raw
+                FROM posts_rejects GROUP BY scan_id, file_id, line
+                UNION ALL
+                SELECT DATE '{dump_date}', 'posts', 'typing', NULL, left(id_raw, 64), reason,
+                       left(concat_ws(',', id_raw, created_at_raw, rating, fav_count_raw), 4096)
+                FROM staged WHERE reason IS NOT NULL
+                """
+            )
+            counts = conn.execute(
+                "SELECT (SELECT count(*) FROM cleaned_posts), (SELECT count(*) FROM rejected_rows)"
+            ).fetchone()
+            n_clean, n_rejected = int(counts[0]), int(counts[1])
+            record_lineage(
+                conn,
+                "cleaned_posts",
+                dump_date,
+                {"rows": n_clean, "rejected": n_rejected, "dump_rows": n_clean + n_rejected},
+            )
+        reasons = conn.execute(
+            "SELECT regexp_replace(reason, ':.*', '') AS r, count(*) FROM rejected_rows "
+            "GROUP BY r ORDER BY 2 DESC LIMIT 20"
+        ).fetchall()
+        meta = table_metadata(conn, "cleaned_posts")
+        conn.execute("DROP TABLE IF EXISTS staged")
+    total = n_clean + n_rejected
+    if n_rejected:
+        context.log.warning(f"{n_rejected} of {total} rows rejected: see table rejected_rows")
+    return dg.MaterializeResult(
+        metadata={
+            **meta,
+            "dump_date": dump_date,
+            "dump_rows": dg.MetadataValue.int(total),
+            "rejected_rows": dg.MetadataValue.int(n_rejected),
+            "rejected_csv_rows": dg.MetadataValue.int(int(csv_rejected)),
+            "rejected_share": float(n_rejected / total) if total else 0.0,
+            "rejected_by_reason": dg.MetadataValue.json({r: int(n) for r, n in reasons}),
+            "parse_seconds": round(t_parse, 2),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )

@@ -1,0 +1,194 @@
+"""Model inputs as one pre-shuffled Parquet file, built entirely in DuckDB."""
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from e6score_dagster.model import FeatureLayout
+from e6score_dagster.resources import StateDir
+from e6score_dagster.schema import SITE_LAUNCH
+from e6score_dagster.store import (
+    MissingUpstreamError,
+    read_lineage,
+    record_lineage,
+    transaction,
+)
+
+FILE_EXTS = ("jpg", "png", "gif", "webp", "webm", "mp4", "swf")  # index 0 is "other"
+RATING_INDEX = "CASE c.rating WHEN 's' THEN 0 WHEN 'q' THEN 1 ELSE 2 END"
+
+# Numeric metadata, each a SQL expression over cleaned_posts `c` and tag counts `a`.
+# Outcome columns (score, up/down_score, comment_count) are deliberately absent: they are
+# engagement, not metadata, and would explain away the signal fav_score is meant to expose.
+NUMERIC_FEATURES: dict[str, str] = {
+    "t_upload_years": "least(greatest(epoch(c.created_at - TIMESTAMP '{launch}') "
+    "/ (365.25 * 86400), 0), 40)",
+    "log_age_days": "ln(1 + least(greatest(epoch(TIMESTAMP '{dump_date}' - c.created_at) "
+    "/ 86400, 0), 20000))",
+    "log_tag_count": "ln(1 + len(c.tags))",
+    "log_artist_tags": "ln(1 + coalesce(a.n_artist, 0))",
+    "log_character_tags": "ln(1 + coalesce(a.n_character, 0))",
+    "log_species_tags": "ln(1 + coalesce(a.n_species, 0))",
+    "log_copyright_tags": "ln(1 + coalesce(a.n_copyright, 0))",
+    "log_pixels": "ln(1 + least(greatest(coalesce(c.image_width, 0), 0)::DOUBLE "
+    "* greatest(coalesce(c.image_height, 0), 0), 1e12))",
+    "log_aspect": "CASE WHEN c.image_width > 0 AND c.image_height > 0 THEN "
+    "least(greatest(ln(c.image_width / c.image_height), -4), 4) ELSE 0 END",
+    "log_file_size": "ln(1 + least(greatest(coalesce(c.file_size, 0), 0), 1e12))",
+    "log_duration": "ln(1 + least(greatest(coalesce(c.duration, 0), 0), 1e6))",
+    "has_source": "CASE WHEN length(trim(coalesce(c.source, ''))) > 0 THEN 1 ELSE 0 END",
+    "has_parent": "CASE WHEN c.parent_id IS NULL THEN 0 ELSE 1 END",
+    "log_description_len": "ln(1 + length(coalesce(c.description, '')))",
+}
+
+
+class FeatureConfig(dg.Config):
+    max_tags: int = 64
+    """Tags kept per post (non-general categories first, then the most frequent)."""
+    holdout_fraction: float = 0.1
+    """Share of posts, chosen by a hash of the id (stable across dumps), never trained on."""
+    row_group_size: int = 65536
+
+
+def holdout_sql(fraction: float, id_col: str = "c.id") -> str:
+    """Knuth multiplicative hash of the id: the same post is held out in every dump."""
+    return f"(({id_col}::HUGEINT * 2654435761) % 4294967296) < {fraction} * 4294967296"
+
+
+def _ext_sql() -> str:
+    cases = " ".join(f"WHEN '{e}' THEN {i + 1}" for i, e in enumerate(FILE_EXTS))
+    return f"CASE c.file_ext {cases} ELSE 0 END"
+
+
+def feature_sql(dump_date: str, config: FeatureConfig) -> str:
+    numeric = ",\n".join(
+        f"CAST({expr.format(launch=SITE_LAUNCH, dump_date=dump_date)} AS FLOAT) AS {name}"
+        for name, expr in NUMERIC_FEATURES.items()
+    )
+    return f"""
+    WITH pt AS (
+        SELECT p.id, v.tag_index, v.category, v.freq
+        FROM (SELECT id, unnest(tags) AS name FROM cleaned_posts) p
+        JOIN tag_vocabulary v USING (name)
+    ),
+    a AS (
+        SELECT id,
+               list(tag_index ORDER BY (category = 0), freq DESC, tag_index) AS tag_list,
+               count(*) FILTER (WHERE category = 1) AS n_artist,
+               count(*) FILTER (WHERE category = 4) AS n_character,
+               count(*) FILTER (WHERE category = 5) AS n_species,
+               count(*) FILTER (WHERE category = 3) AS n_copyright
+        FROM pt GROUP BY id
+    )
+    SELECT c.id, c.fav_count, CAST(ln(1 + c.fav_count) AS FLOAT) AS y,
+           CAST(list_resize(coalesce(a.tag_list, []), {config.max_tags}, 0) AS INTEGER[]) AS tags,
+           CAST({RATING_INDEX} AS TINYINT) AS rating_idx,
+           CAST({_ext_sql()} AS TINYINT) AS ext_idx,
+           {numeric},
+           {holdout_sql(config.holdout_fraction)} AS holdout,
+           NOT coalesce(c.is_deleted, false) AS trainable
+    FROM cleaned_posts c LEFT JOIN a USING (id)
+    ORDER BY hash(c.id), c.id
+    """
+
+
+def _layout(conn, matrix: Path, config: FeatureConfig) -> FeatureLayout:
+    """Normalisation statistics from the training rows only."""
+    names = list(NUMERIC_FEATURES)
+    aggs = ", ".join(f"avg({n}), stddev_pop({n})" for n in names)
+    row = conn.execute(
+        f"SELECT avg(y), stddev_pop(y), count(*), {aggs} FROM read_parquet('{matrix}') "
+        "WHERE trainable AND NOT holdout"
+    ).fetchone()
+    if not row[2]:
+        raise dg.Failure("no trainable posts outside the hold-out set")
+    means = [float(row[3 + 2 * i] or 0.0) for i in range(len(names))]
+    stds = [float(row[4 + 2 * i] or 0.0) or 1.0 for i in range(len(names))]
+    return FeatureLayout(
+        numeric=tuple(names),
+        max_tags=config.max_tags,
+        n_ext=len(FILE_EXTS) + 1,
+        n_rating=3,
+        y_mean=float(row[0]),
+        y_std=float(row[1] or 1.0) or 1.0,
+        numeric_mean=tuple(means),
+        numeric_std=tuple(stds),
+        extra={"holdout_fraction": config.holdout_fraction},
+    )
+
+
+@dg.asset(
+    group_name="features",
+    deps=["cleaned_posts", "tag_vocabulary"],
+    kinds={"duckdb", "parquet"},
+    code_version="1",
+    pool="duckdb",
+    description="One row per cleaned post: id, log1p(fav_count), a fixed-width tag-index list, "
+    "rating, file type, numeric metadata (upload time, age at the dump, sizes, tag counts by "
+    "category) and the hash-based hold-out flag. Parquet, pre-shuffled, in row groups.",
+)
+def feature_matrix(
+    context: dg.AssetExecutionContext,
+    config: FeatureConfig,
+    duckdb: DuckDBResource,
+    state: StateDir,
+) -> dg.MaterializeResult:
+    t0 = time.perf_counter()
+    final_dir = state.features / f"features-{uuid.uuid4().hex[:12]}"
+    part_dir = final_dir.with_name("." + final_dir.name + ".part")
+    part_dir.mkdir(parents=True)
+    matrix = part_dir / "matrix.parquet"
+    try:
+        with duckdb.get_connection() as conn:
+            dump_date, _ = read_lineage(conn, "tag_vocabulary")
+            conn.execute(
+                f"COPY ({feature_sql(dump_date, config)}) TO '{matrix}' "
+                f"(FORMAT parquet, ROW_GROUP_SIZE {config.row_group_size}, COMPRESSION zstd)"
+            )
+            layout = _layout(conn, matrix, config)
+            (part_dir / "layout.json").write_text(json.dumps(layout.to_dict(), indent=1))
+            counts = conn.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE holdout), "
+                f"count(*) FILTER (WHERE trainable AND NOT holdout) FROM read_parquet('{matrix}')"
+            ).fetchone()
+            os.replace(part_dir, final_dir)
+            with transaction(conn):
+                _, previous = _previous(conn)
+                record_lineage(
+                    conn,
+                    "feature_matrix",
+                    dump_date,
+                    {"dir": str(final_dir), "rows": int(counts[0])},
+                )
+    except BaseException:
+        shutil.rmtree(part_dir, ignore_errors=True)
+        raise
+    if previous and Path(previous).exists() and Path(previous) != final_dir:
+        shutil.rmtree(previous, ignore_errors=True)
+    size = (final_dir / "matrix.parquet").stat().st_size
+    return dg.MaterializeResult(
+        metadata={
+            "dump_date": dump_date,
+            "dagster/row_count": dg.MetadataValue.int(int(counts[0])),
+            "holdout_rows": dg.MetadataValue.int(int(counts[1])),
+            "training_rows": dg.MetadataValue.int(int(counts[2])),
+            "numeric_features": dg.MetadataValue.json(list(NUMERIC_FEATURES)),
+            "path": dg.MetadataValue.path(str(final_dir / "matrix.parquet")),
+            "bytes": dg.MetadataValue.int(size),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
+
+
+def _previous(conn) -> tuple[str | None, str | None]:
+    try:
+        date, info = read_lineage(conn, "feature_matrix")
+    except MissingUpstreamError:
+        return None, None
+    return date, info.get("dir")

@@ -1,0 +1,76 @@
+"""The remote e621 export and its local, verified copy."""
+
+import hashlib
+import json
+import time
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from e6score_dagster.dump_source import DumpFiles
+from e6score_dagster.resources import DumpSourceResource, StateDir
+from e6score_dagster.store import record_lineage, transaction
+
+
+@dg.observable_source_asset(
+    group_name="ingest",
+    description="The newest e621 database export at `E6SCORE_DUMP_SOURCE` (observed, not stored).",
+)
+def e621_dump(context: dg.AssetExecutionContext, dump_source: DumpSourceResource) -> dg.DataVersion:
+    date = dump_source.client().newest_date()
+    context.log.info(f"newest dump at {dump_source.location}: {date}")
+    return dg.DataVersion(date)
+
+
+def content_hash(files: DumpFiles) -> str:
+    """A digest of the verified files' sha256 sidecars: the dump's data version."""
+    h = hashlib.sha256()
+    for path in (files.posts, files.tags, files.pools):
+        if path is None:
+            continue
+        record = json.loads(path.with_name(path.name + ".ok").read_text())
+        h.update(f"{path.name}:{record['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+@dg.asset(
+    group_name="ingest",
+    kinds={"http", "gzip"},
+    code_version="1",
+    pool="duckdb",
+    description="The newest dump present for both posts and tags, downloaded once, verified "
+    "(size, gzip integrity, sha256) and kept under `$E6SCORE_HOME/dumps/DATE/`.",
+)
+def raw_dump(
+    context: dg.AssetExecutionContext,
+    dump_source: DumpSourceResource,
+    state: StateDir,
+    duckdb: DuckDBResource,
+) -> dg.MaterializeResult:
+    t0 = time.perf_counter()
+    source = dump_source.client(progress=context.log.info)
+    date = source.newest_date()
+    context.log.info(f"current dump: {date} at {dump_source.location}")
+    files = source.fetch(date, state.dumps)
+    version = content_hash(files)
+    info = {
+        "posts": str(files.posts),
+        "tags": str(files.tags),
+        "pools": str(files.pools) if files.pools else None,
+        "sha256": version,
+        "source": dump_source.location,
+    }
+    with duckdb.get_connection() as conn, transaction(conn):
+        record_lineage(conn, "raw_dump", date, info)
+    sizes = files.sizes()
+    return dg.MaterializeResult(
+        metadata={
+            "dump_date": date,
+            "source": dump_source.location,
+            "content_sha256": version,
+            **{f"{k}_bytes": dg.MetadataValue.int(v) for k, v in sizes.items()},
+            "path": dg.MetadataValue.path(str(files.posts.parent)),
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+        data_version=dg.DataVersion(version[:16]),
+    )

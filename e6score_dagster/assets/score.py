@@ -1,0 +1,163 @@
+"""Every cleaned post scored with the current params: the table and the CSV export."""
+
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster_duckdb import DuckDBResource
+
+from e6score_dagster.model import ParquetBatches, load_params, score_batches
+from e6score_dagster.plots import histogram_md
+from e6score_dagster.resources import StateDir
+from e6score_dagster.schema import POSTS_COLUMNS
+from e6score_dagster.store import read_lineage, record_lineage, table_metadata, transaction
+
+SCORE_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("mu", pa.float32()),
+        ("sigma", pa.float32()),
+        ("expected_fav_count", pa.float64()),
+        ("fav_score", pa.float64()),
+        ("fav_zscore", pa.float64()),
+    ]
+)
+BOOLEAN_COLUMNS = {
+    "is_deleted",
+    "is_pending",
+    "is_flagged",
+    "is_rating_locked",
+    "is_status_locked",
+    "is_note_locked",
+}
+TIMESTAMP_COLUMNS = {"created_at", "updated_at"}
+
+
+def export_column_sql(col: str) -> str:
+    """Back to the export's own spelling: t/f booleans, microsecond timestamps."""
+    if col in BOOLEAN_COLUMNS:
+        return f"CASE c.{col} WHEN true THEN 't' WHEN false THEN 'f' END AS {col}"
+    if col in TIMESTAMP_COLUMNS:
+        return f"strftime(c.{col}, '%Y-%m-%d %H:%M:%S.%f') AS {col}"
+    return f"c.{col}"
+
+
+def _write_scores(fitted, matrix: Path, out: Path, log) -> tuple[int, float]:
+    data = ParquetBatches(matrix, fitted.layout, 8192, rows="all")
+    total = data.num_rows()
+    t0 = time.perf_counter()
+    t_log = t0
+    done = 0
+    with pq.ParquetWriter(out, SCORE_SCHEMA) as writer:
+        for scores in score_batches(fitted, data):
+            writer.write_table(
+                pa.table({k: scores[k] for k in SCORE_SCHEMA.names}, schema=SCORE_SCHEMA)
+            )
+            done += len(scores["id"])
+            now = time.perf_counter()
+            if now - t_log > 10:
+                rate = done / (now - t0)
+                log(
+                    f"scored {done:,}/{total:,} posts, {rate:,.0f}/s, "
+                    f"ETA {(total - done) / rate:.0f}s"
+                )
+                t_log = now
+    return done, time.perf_counter() - t0
+
+
+@dg.asset(
+    group_name="scoring",
+    deps=["fitted_params", "feature_matrix", "cleaned_posts"],
+    kinds={"jax", "duckdb", "csv"},
+    code_version="1",
+    pool="duckdb",
+    description="`fav_score` for every cleaned post: the model's probability of a favourite "
+    "count at or below the observed one, given metadata only (0.5 = as expected). Also "
+    "`expected_fav_count` (predictive median) and `fav_zscore`. Table `scored_posts` plus "
+    "`exports/score-DATE.csv.gz` (every posts column with fav_score appended).",
+)
+def scored_posts(
+    context: dg.AssetExecutionContext, duckdb: DuckDBResource, state: StateDir
+) -> dg.MaterializeResult:
+    t0 = time.perf_counter()
+    with duckdb.get_connection() as conn:
+        dump_date, params_info = read_lineage(conn, "fitted_params")
+        _, features = read_lineage(conn, "feature_matrix")
+        posts_date, _ = read_lineage(conn, "cleaned_posts")
+    if posts_date != dump_date:
+        raise dg.Failure(f"params are for {dump_date} but cleaned_posts is from {posts_date}")
+    fitted = load_params(Path(params_info["path"]))
+    matrix = Path(features["dir"]) / "matrix.parquet"
+    tmp_scores = state.sub("tmp") / f"scores-{os.getpid()}.parquet"
+    try:
+        n_scored, score_s = _write_scores(fitted, matrix, tmp_scores, context.log.info)
+        context.log.info(f"scored {n_scored:,} posts in {score_s:.1f}s")
+        export = state.exports / f"score-{dump_date}.csv.gz"
+        export_part = export.with_name("." + export.name + ".part")
+        with duckdb.get_connection() as conn:
+            with transaction(conn):
+                conn.execute(
+                    f"""
+                    CREATE OR REPLACE TABLE scored_posts AS
+                    SELECT c.id, c.fav_count, s.expected_fav_count, s.fav_score, s.fav_zscore,
+                           DATE '{dump_date}' AS dump_date, s.mu AS pred_log_mean,
+                           s.sigma AS pred_log_scale, c.rating, c.file_ext, c.created_at,
+                           c.is_deleted
+                    FROM cleaned_posts c JOIN read_parquet('{tmp_scores}') s USING (id)
+                    ORDER BY c.id
+                    """
+                )
+                n_table = conn.execute("SELECT count(*) FROM scored_posts").fetchone()[0]
+                n_clean = conn.execute("SELECT count(*) FROM cleaned_posts").fetchone()[0]
+                if n_table != n_clean:
+                    raise dg.Failure(f"scored {n_table} posts but {n_clean} are cleaned")
+                record_lineage(
+                    conn,
+                    "scored_posts",
+                    dump_date,
+                    {"params": params_info["path"], "rows": int(n_table), "export": str(export)},
+                )
+            cols = ", ".join(export_column_sql(c) for c in POSTS_COLUMNS)
+            conn.execute(
+                f"COPY (SELECT {cols}, s.fav_score FROM cleaned_posts c "
+                f"JOIN scored_posts s USING (id) ORDER BY c.id) TO '{export_part}' "
+                "(FORMAT csv, HEADER, COMPRESSION gzip)"
+            )
+            os.replace(export_part, export)
+            meta = table_metadata(conn, "scored_posts")
+            summary = conn.execute(
+                "SELECT avg(fav_score), median(fav_score), corr(fav_score, fav_zscore) "
+                "FROM scored_posts"
+            ).fetchone()
+            sample = conn.execute(
+                "SELECT fav_score FROM scored_posts USING SAMPLE 100000 ROWS"
+            ).fetchnumpy()["fav_score"]
+            top = conn.execute(
+                "SELECT id, fav_count, round(expected_fav_count, 1), round(fav_score, 4) "
+                "FROM scored_posts ORDER BY fav_score DESC, fav_count DESC LIMIT 10"
+            ).fetchall()
+    finally:
+        tmp_scores.unlink(missing_ok=True)
+    top_md = "| id | favs | expected | fav_score |\n|---|---|---|---|\n" + "\n".join(
+        f"| {i} | {f} | {e} | {s} |" for i, f, e, s in top
+    )
+    return dg.MaterializeResult(
+        metadata={
+            **meta,
+            "dump_date": dump_date,
+            "params_path": dg.MetadataValue.path(params_info["path"]),
+            "export_path": dg.MetadataValue.path(str(export)),
+            "mean_fav_score": float(summary[0]),
+            "median_fav_score": float(summary[1]),
+            "posts_per_second": round(n_scored / max(score_s, 1e-9), 1),
+            "top_posts": dg.MetadataValue.md(top_md),
+            "fav_score_histogram": dg.MetadataValue.md(
+                histogram_md(np.asarray(sample), "fav_score", bins=40)
+            ),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )

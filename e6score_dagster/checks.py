@@ -1,0 +1,64 @@
+"""Asset checks: the guarantees each stage makes, visible and enforced in Dagster."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from e6score_dagster.store import read_lineage
+
+MAX_REJECTED_SHARE = 0.01
+
+
+@dg.asset_check(
+    asset="cleaned_posts",
+    blocking=True,
+    description=f"At most {MAX_REJECTED_SHARE:.0%} of the dump's rows are rejected; more means "
+    "the export format changed or the file is damaged, so nothing downstream should use it.",
+)
+def rejected_share_within_limit(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    with duckdb.get_connection() as conn:
+        _, info = read_lineage(conn, "cleaned_posts")
+    share = info["rejected"] / max(info["dump_rows"], 1)
+    return dg.AssetCheckResult(
+        passed=share <= MAX_REJECTED_SHARE,
+        metadata={"rejected_share": share, "rejected_rows": info["rejected"]},
+    )
+
+
+@dg.asset_check(
+    asset="fitted_params",
+    blocking=True,
+    description="The model's held-out NLL beats a constant log-normal fitted to the same "
+    "training posts; a model that does not has learned nothing from metadata.",
+)
+def beats_constant_baseline(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    with duckdb.get_connection() as conn:
+        _, info = read_lineage(conn, "fitted_params")
+    m = info["metrics"]
+    return dg.AssetCheckResult(
+        passed=bool(m.get("n")) and m["nll"] < m["baseline_constant_nll"],
+        metadata={k: v for k, v in m.items() if isinstance(v, int | float)},
+    )
+
+
+@dg.asset_check(
+    asset="scored_posts",
+    blocking=True,
+    description="One score per cleaned post, ids unique, fav_score in [0, 1], no missing value.",
+)
+def every_post_scored(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    with duckdb.get_connection() as conn:
+        row = conn.execute(
+            """
+            SELECT (SELECT count(*) FROM cleaned_posts),
+                   count(*), count(DISTINCT id),
+                   count(*) FILTER (WHERE fav_score IS NULL OR fav_score < 0 OR fav_score > 1
+                                    OR expected_fav_count IS NULL OR fav_zscore IS NULL
+                                    OR isnan(fav_zscore))
+            FROM scored_posts
+            """
+        ).fetchone()
+    cleaned, scored, distinct, bad = (int(x) for x in row)
+    return dg.AssetCheckResult(
+        passed=cleaned == scored == distinct and bad == 0,
+        metadata={"cleaned": cleaned, "scored": scored, "distinct_ids": distinct, "invalid": bad},
+    )

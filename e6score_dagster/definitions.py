@@ -1,0 +1,37 @@
+"""The code location: assets, checks, resources, jobs and schedules."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from e6score_dagster import checks
+from e6score_dagster.assets.clean import cleaned_posts
+from e6score_dagster.assets.features import feature_matrix
+from e6score_dagster.assets.ingest import e621_dump, raw_dump
+from e6score_dagster.assets.model import fitted_params
+from e6score_dagster.assets.score import scored_posts
+from e6score_dagster.assets.vocabulary import tag_vocabulary
+from e6score_dagster.resources import make_resources
+
+PIPELINE = [raw_dump, cleaned_posts, tag_vocabulary, feature_matrix, fitted_params, scored_posts]
+CHECKS = [
+    checks.rejected_share_within_limit,
+    checks.beats_constant_baseline,
+    checks.every_post_scored,
+]
+
+e6score_job = dg.define_asset_job(
+    "e6score_job",
+    selection=dg.AssetSelection.assets(*PIPELINE),
+    description="Fetch the current dump and rebuild everything down to scored_posts.",
+)
+
+defs = dg.Definitions(
+    assets=[e621_dump, *PIPELINE],
+    asset_checks=CHECKS,
+    jobs=[e6score_job],
+    resources=make_resources(),
+    # The chain is linear, so separate step processes buy no parallelism, only ~4 s of
+    # start-up each; concurrent runs are still serialised on DuckDB by the `duckdb` pool.
+    executor=dg.in_process_executor,
+)

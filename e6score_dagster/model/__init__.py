@@ -1,0 +1,19 @@
+"""The E6Score model: pure JAX/Flax/Optax, with no knowledge of Dagster."""
+
+from e6score_dagster.model.config import ModelConfig
+from e6score_dagster.model.data import FeatureLayout, ParquetBatches
+from e6score_dagster.model.params import load_params, save_params
+from e6score_dagster.model.score import score_batches
+from e6score_dagster.model.train import TrainResult, evaluate, train
+
+__all__ = [
+    "FeatureLayout",
+    "ModelConfig",
+    "ParquetBatches",
+    "TrainResult",
+    "evaluate",
+    "load_params",
+    "save_params",
+    "score_batches",
+    "train",
+]

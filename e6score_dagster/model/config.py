@@ -1,0 +1,41 @@
+"""Hyper-parameters of one fit; their hash is part of the params' identity."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    epochs: int = 3
+    batch_size: int = 2048
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
+    embed_dim: int = 32
+    hash_bits: int = 17  # 2**17 embedding rows shared by all tags through the probes
+    num_probes: int = 2
+    cross_layers: int = 2
+    mlp_widths: tuple[int, ...] = (128, 64)
+    time_frequencies: int = 6
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mlp_widths"] = list(self.mlp_widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        if "mlp_widths" in kw:
+            kw["mlp_widths"] = tuple(int(w) for w in kw["mlp_widths"])
+        return cls(**kw)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]

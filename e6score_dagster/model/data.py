@@ -1,0 +1,228 @@
+"""Streaming, fixed-shape batches from the feature-matrix Parquet file.
+
+The file is written pre-shuffled (ordered by a hash of the post id), so shuffling row-group
+order plus rows within a group gives well-mixed batches while only a few row groups are ever
+in memory. Every batch has the same shape (padding rows carry weight 0) so JAX compiles once.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+Batch = dict[str, np.ndarray]
+RowSet = Literal["train", "holdout", "all"]
+TIME_COLUMN = "t_upload_years"  # raw years since site launch; the model encodes it itself
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """What the feature matrix holds; written next to it as JSON and stored in the params."""
+
+    numeric: tuple[str, ...]
+    max_tags: int
+    n_ext: int
+    n_rating: int
+    y_mean: float
+    y_std: float
+    numeric_mean: tuple[float, ...]
+    numeric_std: tuple[float, ...]
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["numeric"] = list(self.numeric)
+        d["numeric_mean"] = list(self.numeric_mean)
+        d["numeric_std"] = list(self.numeric_std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureLayout:
+        return cls(
+            numeric=tuple(d["numeric"]),
+            max_tags=int(d["max_tags"]),
+            n_ext=int(d["n_ext"]),
+            n_rating=int(d["n_rating"]),
+            y_mean=float(d["y_mean"]),
+            y_std=float(d["y_std"]),
+            numeric_mean=tuple(float(x) for x in d["numeric_mean"]),
+            numeric_std=tuple(float(x) for x in d["numeric_std"]),
+            extra=dict(d.get("extra", {})),
+        )
+
+    @classmethod
+    def read(cls, path: Path) -> FeatureLayout:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _table_to_batch(table: pa.Table, layout: FeatureLayout) -> Batch:
+    n = table.num_rows
+    tags = pc.list_flatten(table.column("tags")).to_numpy(zero_copy_only=False)
+    if tags.size != n * layout.max_tags:
+        raise ValueError(f"tags column is not fixed-width {layout.max_tags}")
+    numeric = np.stack(
+        [table.column(c).to_numpy(zero_copy_only=False) for c in layout.numeric], axis=1
+    ).astype(np.float32)
+    mean = np.asarray(layout.numeric_mean, np.float32)
+    std = np.asarray(layout.numeric_std, np.float32)
+    return {
+        "id": table.column("id").to_numpy(zero_copy_only=False).astype(np.int64),
+        "fav_count": table.column("fav_count").to_numpy(zero_copy_only=False).astype(np.int64),
+        "y": table.column("y").to_numpy(zero_copy_only=False).astype(np.float32),
+        "tags": tags.astype(np.int32).reshape(n, layout.max_tags),
+        "rating": table.column("rating_idx").to_numpy(zero_copy_only=False).astype(np.int32),
+        "ext": table.column("ext_idx").to_numpy(zero_copy_only=False).astype(np.int32),
+        "numeric": (numeric - mean) / std,
+        "t_years": table.column(TIME_COLUMN).to_numpy(zero_copy_only=False).astype(np.float32),
+        "weight": np.ones(n, np.float32),
+    }
+
+
+def _take(batch: Batch, idx: np.ndarray) -> Batch:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def _concat(a: Batch | None, b: Batch) -> Batch:
+    if a is None:
+        return b
+    return {k: np.concatenate([a[k], b[k]]) for k in b}
+
+
+class ParquetBatches:
+    """Iterates fixed-size batches of one row set; prefetches row groups on a thread."""
+
+    def __init__(
+        self,
+        path: Path,
+        layout: FeatureLayout,
+        batch_size: int,
+        rows: RowSet = "all",
+        shuffle_seed: int | None = None,
+        prefetch: int = 4,
+    ) -> None:
+        self.path = Path(path)
+        self.layout = layout
+        self.batch_size = batch_size
+        self.rows = rows
+        self.shuffle_seed = shuffle_seed
+        self.prefetch = prefetch
+        self.wait_seconds = 0.0
+        self._columns = [
+            "id",
+            "fav_count",
+            "y",
+            "tags",
+            "rating_idx",
+            "ext_idx",
+            "holdout",
+            "trainable",
+            *dict.fromkeys([*layout.numeric, TIME_COLUMN]),
+        ]
+        self._num_rows: int | None = None
+
+    def _mask(self, table: pa.Table) -> np.ndarray | None:
+        if self.rows == "all":
+            return None
+        holdout = table.column("holdout").to_numpy(zero_copy_only=False)
+        if self.rows == "holdout":
+            return holdout
+        return ~holdout & table.column("trainable").to_numpy(zero_copy_only=False)
+
+    def num_rows(self) -> int:
+        if self._num_rows is None:
+            pf = pq.ParquetFile(self.path)
+            if self.rows == "all":
+                self._num_rows = pf.metadata.num_rows
+            else:
+                t = pf.read(columns=["holdout", "trainable"])
+                self._num_rows = int(self._mask(t).sum())
+        return self._num_rows
+
+    def steps(self) -> int:
+        return -(-self.num_rows() // self.batch_size)
+
+    def _row_groups(self, epoch: int) -> Iterator[Batch]:
+        pf = pq.ParquetFile(self.path)
+        order = np.arange(pf.num_row_groups)
+        rng = None
+        if self.shuffle_seed is not None:
+            rng = np.random.default_rng([self.shuffle_seed, epoch])
+            rng.shuffle(order)
+        for g in order:
+            table = pf.read_row_group(int(g), columns=self._columns)
+            mask = self._mask(table)
+            if mask is not None:
+                table = table.filter(pa.array(mask))
+            if table.num_rows == 0:
+                continue
+            batch = _table_to_batch(table, self.layout)
+            if rng is not None:
+                batch = _take(batch, rng.permutation(table.num_rows))
+            yield batch
+
+    def _batches(self, epoch: int) -> Iterator[Batch]:
+        carry: Batch | None = None
+        bs = self.batch_size
+        for group in self._row_groups(epoch):
+            carry = _concat(carry, group)
+            n_full = len(carry["id"]) // bs
+            for i in range(n_full):
+                yield {k: v[i * bs : (i + 1) * bs] for k, v in carry.items()}
+            carry = {k: v[n_full * bs :] for k, v in carry.items()}
+        if carry is not None and len(carry["id"]):
+            n = len(carry["id"])
+            idx = np.concatenate([np.arange(n), np.zeros(bs - n, np.int64)])
+            padded = _take(carry, idx)
+            padded["weight"][n:] = 0.0
+            yield padded
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        """Batches of one epoch, produced on a background thread while the caller computes."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for b in self._batches(epoch):
+                    while not stop.is_set():
+                        try:
+                            q.put(b, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(done)
+            except BaseException as exc:  # surfaced in the consumer
+                q.put(exc)
+
+        thread = threading.Thread(target=produce, daemon=True, name="e6score-batches")
+        thread.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = q.get()
+                self.wait_seconds += time.perf_counter() - t0
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)

@@ -1,0 +1,98 @@
+"""The E6Score regressor: metadata in, a Gaussian over log1p(fav_count) out."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from e6score_dagster.model.config import ModelConfig
+
+# Odd 32-bit multipliers for multiply-shift hashing, one per probe.
+_PROBE_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C | 1)
+
+
+def probe_buckets(tag_idx: jnp.ndarray, hash_bits: int, num_probes: int) -> jnp.ndarray:
+    """Multiply-shift hashes of each tag index into 2**hash_bits rows, one per probe.
+
+    Several probes per tag make a collision of two tags in one row harmless: their other
+    rows still tell them apart (a Bloom-style hashed embedding).
+    """
+    x = tag_idx.astype(jnp.uint32)
+    rows = [
+        (x * jnp.uint32(m)) >> jnp.uint32(32 - hash_bits) for m in _PROBE_MULTIPLIERS[:num_probes]
+    ]
+    return jnp.stack(rows, axis=-1).astype(jnp.int32)
+
+
+class TagEncoder(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tags: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        cfg = self.config
+        rows = probe_buckets(tags, cfg.hash_bits, cfg.num_probes)  # [B, T, P]
+        mask = (tags > 0).astype(jnp.float32)[..., None]  # index 0 is padding
+        table = self.param(
+            "embedding", nn.initializers.normal(0.05), (2**cfg.hash_bits, cfg.embed_dim)
+        )
+        bias = self.param("bias", nn.initializers.zeros, (2**cfg.hash_bits,))
+        probe_w = self.param("probe_weight", nn.initializers.ones, (cfg.num_probes,))
+        emb = jnp.einsum("btpd,p->btd", table[rows], probe_w) * mask
+        count = jnp.maximum(mask.sum(axis=1), 1.0)
+        pooled = emb.sum(axis=1) / jnp.sqrt(count)
+        # Additive per-tag effect: the wide (linear-in-tags) part of the model.
+        linear = (bias[rows].mean(axis=-1) * mask[..., 0]).sum(axis=1)
+        return pooled, linear
+
+
+def time_encoding(t_years: jnp.ndarray, n_freq: int) -> jnp.ndarray:
+    """Smooth basis of the upload date, periods from ~40 years down to ~1 year."""
+    periods = jnp.geomspace(40.0, 1.0, n_freq)
+    ang = 2 * math.pi * t_years[:, None] / periods[None, :]
+    return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1)
+
+
+class E6ScoreNet(nn.Module):
+    """Tags, rating, file type, time and numeric metadata -> (mean, scale) of log1p(favs)."""
+
+    config: ModelConfig
+    n_rating: int
+    n_ext: int
+    y_mean: float
+    y_std: float
+
+    @nn.compact
+    def __call__(self, batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+        cfg = self.config
+        pooled, linear = TagEncoder(cfg, name="tags")(batch["tags"])
+        rating = nn.Embed(self.n_rating, 8, name="rating")(batch["rating"])
+        ext = nn.Embed(self.n_ext, 8, name="ext")(batch["ext"])
+        x0 = jnp.concatenate(
+            [
+                pooled,
+                rating,
+                ext,
+                batch["numeric"],
+                time_encoding(batch["t_years"], cfg.time_frequencies),
+            ],
+            axis=-1,
+        )
+        d = x0.shape[-1]
+        x = x0
+        for i in range(cfg.cross_layers):  # DCN-v2 cross layers: explicit feature crosses
+            x = x0 * nn.Dense(d, name=f"cross_{i}", kernel_init=nn.initializers.zeros)(x) + x
+        h = x
+        for i, w in enumerate(cfg.mlp_widths):
+            h = nn.gelu(nn.Dense(w, name=f"mlp_{i}")(h))
+        out = nn.Dense(2, name="head", kernel_init=nn.initializers.zeros)(h)
+        mu = self.y_mean + self.y_std * (out[:, 0] + linear)
+        sigma = self.y_std * (jax.nn.softplus(out[:, 1] + 0.5413) + 1e-3)  # softplus(.5413)=1
+        return mu, sigma
+
+
+def gaussian_nll(mu: jnp.ndarray, sigma: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+    z = (y - mu) / sigma
+    return jnp.log(sigma) + 0.5 * z * z + 0.5 * math.log(2 * math.pi)

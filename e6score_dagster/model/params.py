@@ -1,0 +1,65 @@
+"""Fitted parameters on disk: msgpack via flax.serialization, never pickle."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flax import serialization
+
+from e6score_dagster.model.config import ModelConfig
+from e6score_dagster.model.data import FeatureLayout
+
+FORMAT = 1
+MAX_PARAMS_BYTES = 1 << 30  # a params file is tens of MB; refuse anything absurd
+
+
+@dataclass
+class Fitted:
+    params: dict
+    config: ModelConfig
+    layout: FeatureLayout
+    meta: dict = field(default_factory=dict)
+
+
+def save_params(path: Path, fitted: Fitted) -> None:
+    """Write to a temporary name and rename, so a killed run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = serialization.msgpack_serialize(
+        {
+            "format": FORMAT,
+            "config": fitted.config.to_dict(),
+            "layout": fitted.layout.to_dict(),
+            "meta": fitted.meta,
+            "params": serialization.to_state_dict(fitted.params),
+        }
+    )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_params(path: Path) -> Fitted:
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise ValueError(f"{path} is {size} bytes, over the {MAX_PARAMS_BYTES}-byte limit")
+    state = serialization.msgpack_restore(path.read_bytes())
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an E6Score params file (format {FORMAT})")
+    return Fitted(
+        params=state["params"],
+        config=ModelConfig.from_dict(state["config"]),
+        layout=FeatureLayout.from_dict(state["layout"]),
+        meta=dict(state.get("meta") or {}),
+    )

@@ -1,0 +1,101 @@
+"""Dagster resources: where state lives, where dumps come from, and the DuckDB store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from e6score_dagster.dump_source import DumpSource
+
+DEFAULT_SOURCE = "https://e621.net/db_export/"
+DB_FILE = "e6score.duckdb"
+
+
+def default_home() -> Path:
+    """`$E6SCORE_HOME`, else `data/` of the source checkout (or of the working directory)."""
+    env = os.environ.get("E6SCORE_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").exists():
+        return checkout / "data"
+    return Path.cwd() / "data"
+
+
+def default_source() -> str:
+    return os.environ.get("E6SCORE_DUMP_SOURCE") or DEFAULT_SOURCE
+
+
+class StateDir(dg.ConfigurableResource):
+    """The folder for runtime state (`$E6SCORE_HOME`): dumps, features, params, exports."""
+
+    home: str
+
+    @property
+    def root(self) -> Path:
+        return Path(self.home)
+
+    def sub(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def dumps(self) -> Path:
+        return self.sub("dumps")
+
+    @property
+    def features(self) -> Path:
+        return self.sub("features")
+
+    @property
+    def params(self) -> Path:
+        return self.sub("params")
+
+    @property
+    def exports(self) -> Path:
+        return self.sub("exports")
+
+
+class DumpSourceResource(dg.ConfigurableResource):
+    """The e621 export (or a mirror / local folder) that `raw_dump` reads from."""
+
+    location: str = DEFAULT_SOURCE
+    probe_days: int = 7
+    timeout_s: float = 60.0
+
+    def client(self, progress=None) -> DumpSource:
+        location = self.location
+        if "://" not in location:
+            location = str(Path(location).expanduser().resolve())
+        return DumpSource(
+            location, timeout_s=self.timeout_s, probe_days=self.probe_days, progress=progress
+        )
+
+
+def duckdb_resource(home: Path, memory_limit: str = "3GB") -> DuckDBResource:
+    """Bounded memory and a spill folder, so DuckDB stays out of core on full-size dumps."""
+    tmp = home / "tmp" / "duckdb"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return DuckDBResource(
+        database=str(home / DB_FILE),
+        connection_config={
+            "memory_limit": memory_limit,
+            "threads": os.cpu_count() or 2,
+            "temp_directory": str(tmp),
+            "preserve_insertion_order": False,
+        },
+    )
+
+
+def make_resources(home: Path | None = None, source: str | None = None) -> dict:
+    home = Path(home) if home is not None else default_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        "state": StateDir(home=str(home)),
+        "dump_source": DumpSourceResource(location=source or default_source()),
+        "duckdb": duckdb_resource(home),
+    }

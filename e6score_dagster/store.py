@@ -1,0 +1,76 @@
+"""DuckDB store helpers: atomic table swaps, the lineage table, metadata about tables."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+import duckdb
+
+LINEAGE_DDL = """
+CREATE TABLE IF NOT EXISTS e6score_lineage (
+    asset VARCHAR PRIMARY KEY,
+    dump_date DATE,
+    built_at TIMESTAMP,
+    info JSON
+)
+"""
+
+
+class MissingUpstreamError(RuntimeError):
+    pass
+
+
+@contextmanager
+def transaction(conn: duckdb.DuckDBPyConnection):
+    """All-or-nothing: readers see the old tables until COMMIT, a killed run leaves them."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def record_lineage(
+    conn: duckdb.DuckDBPyConnection, asset: str, dump_date: str, info: dict[str, Any]
+) -> None:
+    conn.execute(LINEAGE_DDL)
+    conn.execute(
+        "INSERT OR REPLACE INTO e6score_lineage VALUES (?, ?, ?, ?)",
+        [asset, dump_date, datetime.now(UTC).replace(tzinfo=None), json.dumps(info)],
+    )
+
+
+def read_lineage(conn: duckdb.DuckDBPyConnection, asset: str) -> tuple[str, dict[str, Any]]:
+    """(dump_date, info) of the last successful build of `asset`; a clear error if none."""
+    conn.execute(LINEAGE_DDL)
+    row = conn.execute(
+        "SELECT strftime(dump_date, '%Y-%m-%d'), info FROM e6score_lineage WHERE asset = ?",
+        [asset],
+    ).fetchone()
+    if row is None:
+        raise MissingUpstreamError(f"`{asset}` has not been materialised yet; materialise it first")
+    return row[0], json.loads(row[1])
+
+
+def column_schema(conn: duckdb.DuckDBPyConnection, table: str) -> dg.TableSchema:
+    rows = conn.execute(
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_name = ? ORDER BY ordinal_position",
+        [table],
+    ).fetchall()
+    return dg.TableSchema(columns=[dg.TableColumn(name, dtype) for name, dtype in rows])
+
+
+def table_metadata(conn: duckdb.DuckDBPyConnection, table: str) -> dict[str, Any]:
+    n = conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+    return {
+        "dagster/row_count": dg.MetadataValue.int(int(n)),
+        "dagster/column_schema": column_schema(conn, table),
+        "table": dg.MetadataValue.text(table),
+    }

@@ -1,0 +1,81 @@
+"""Shared fixtures: generated dumps, a state folder, and a way to run assets for real."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from e6score_dagster.definitions import CHECKS, PIPELINE
+from e6score_dagster.resources import make_resources
+from e6score_dagster.schema import POSTS_COLUMNS, TAGS_COLUMNS
+from e6score_dagster.synthetic import generate_dump
+
+DUMP_DATE = "2026-11-20"
+# Small enough for CI, big enough that the model has something to learn.
+FAST_TRAINING = {"epochs": 4, "batch_size": 256, "hash_bits": 12, "mlp_widths": [32]}
+
+
+@pytest.fixture(scope="session")
+def generated_dump(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dump")
+    generate_dump(out, posts=3000, date=DUMP_DATE, seed=7)
+    return out
+
+
+def run_config(training: dict | None = None) -> dg.RunConfig:
+    return dg.RunConfig(ops={"fitted_params": {"config": training or FAST_TRAINING}})
+
+
+def materialize(
+    home: Path, source: str | Path, select: Sequence | None = None, training: dict | None = None
+) -> dg.ExecuteInProcessResult:
+    """A real Dagster run of the pipeline (or part of it) with real resources."""
+    assets = list(select) if select is not None else PIPELINE
+    checks = [c for c in CHECKS if select is None]
+    return dg.materialize(
+        [*assets, *checks],
+        resources=make_resources(home, str(source)),
+        run_config=run_config(training) if any(a.key.path == ["fitted_params"] for a in assets)
+        else None,
+        raise_on_error=False,
+    )
+
+
+def write_csv_gz(path: Path, header: Iterable[str], rows: Iterable[Sequence]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(list(header))
+    w.writerows(rows)
+    path.write_bytes(gzip.compress(buf.getvalue().encode("utf-8")))
+
+
+def post_row(**overrides) -> list[str]:
+    """One posts row in the export's spelling; overrides by column name."""
+    base = {
+        "id": "1", "uploader_id": "10", "created_at": "2019-03-04 17:22:10.123456",
+        "md5": "0123456789abcdef0123456789abcdef", "source": "", "rating": "s",
+        "image_width": "800", "image_height": "600", "tag_string": "fox solo",
+        "locked_tags": "", "fav_count": "5", "file_ext": "png", "parent_id": "",
+        "change_seq": "100", "approver_id": "", "file_size": "12345", "comment_count": "0",
+        "description": "", "duration": "", "updated_at": "2019-03-05 10:00:00.000001",
+        "is_deleted": "f", "is_pending": "f", "is_flagged": "f", "score": "3",
+        "up_score": "4", "down_score": "-1", "is_rating_locked": "f",
+        "is_status_locked": "f", "is_note_locked": "f",
+    }
+    unknown = set(overrides) - set(base)
+    assert not unknown, unknown
+    base.update(overrides)
+    return [base[c] for c in POSTS_COLUMNS]
+
+
+def write_dump(folder: Path, date: str, posts: list[list[str]], tags: list[list[str]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv_gz(folder / f"posts-{date}.csv.gz", POSTS_COLUMNS, posts)
+    write_csv_gz(folder / f"tags-{date}.csv.gz", TAGS_COLUMNS, tags)
+    return folder
