@@ -62,8 +62,7 @@ DELETED_EFFECT = -0.7
 RATING_PROBS = (0.4, 0.2, 0.4)
 RATING_EFFECT = {"s": 0.0, "q": 0.3, "e": 0.55}
 EXTS = ("jpg", "png", "gif", "webm", "mp4", "swf", "webp")
-EXT_EFFECT = {"jpg": 0.0, "png": 0.05, "gif": 0.1, "webm": 0.3, "mp4": 0.3, "swf": -0.2,
-              "webp": 0.0}  # fmt: skip
+EXT_EFFECT = dict(zip(EXTS, (0.0, 0.05, 0.1, 0.3, 0.3, -0.2, 0.0), strict=True))
 UPLOAD_GROWTH = 0.24  # per year: upload volume grows exponentially too
 
 # Per tag category: share of the vocabulary, sd of the hidden effect, Zipf offset (flattens the
@@ -76,21 +75,23 @@ ZIPF_EXPONENT = 1.05
 UNUSED_TAG_SHARE = 0.02
 
 _SEED_NAMES: dict[int, tuple[str, ...]] = {
-    0: ("anthro", "male", "female", "solo", "fur", "hair", "clothing", "smile", "tail",
-        "open_mouth", "looking_at_viewer", "simple_background", "white_background", "text",
-        "duo", "blush", "standing", "feral", "eyes_closed", "teeth", "tongue", "group",
-        "english_text", "dialogue", "outside", "sitting", ":3", "<3", "...", "2_tails"),
-    1: ("unknown_artist", "conditional_dnp", "anonymous_artist", "third-party_edit"),
-    3: ("nintendo", "pokemon", "my_little_pony", "sonic_the_hedgehog_(series)", "disney",
-        "star_fox", "zootopia", "undertale_(series)"),
-    4: ("fan_character", "pikachu", "krystal_(star_fox)", "nick_wilde", "judy_hopps",
-        "sonic_the_hedgehog", "rainbow_dash_(mlp)"),
-    5: ("mammal", "canid", "canine", "felid", "feline", "fox", "wolf", "dragon", "equid",
-        "domestic_dog", "avian", "bird", "reptile", "scalie", "lagomorph"),
-    7: ("hi_res", "absurd_res", "digital_media_(artwork)", "animated", "comic", "sketch",
-        "2021", "2022", "2023", "16:9", "4k", "sound", "low_res", "alpha_channel"),
-    8: ("male_(lore)", "female_(lore)", "trans_woman_(lore)", "gay_(lore)"),
-}  # fmt: skip
+    cat: tuple(names.split())
+    for cat, names in {
+        0: "anthro male female solo fur hair clothing smile tail open_mouth looking_at_viewer "
+        "simple_background white_background text duo blush standing feral eyes_closed teeth "
+        "tongue group english_text dialogue outside sitting :3 <3 ... 2_tails",
+        1: "unknown_artist conditional_dnp anonymous_artist third-party_edit",
+        3: "nintendo pokemon my_little_pony sonic_the_hedgehog_(series) disney star_fox "
+        "zootopia undertale_(series)",
+        4: "fan_character pikachu krystal_(star_fox) nick_wilde judy_hopps sonic_the_hedgehog "
+        "rainbow_dash_(mlp)",
+        5: "mammal canid canine felid feline fox wolf dragon equid domestic_dog avian bird "
+        "reptile scalie lagomorph",
+        7: "hi_res absurd_res digital_media_(artwork) animated comic sketch 2021 2022 2023 16:9 "
+        "4k sound low_res alpha_channel",
+        8: "male_(lore) female_(lore) trans_woman_(lore) gay_(lore)",
+    }.items()
+}  # well-known names take the top popularity ranks of their category
 _NAME_SUFFIXES: dict[int, tuple[tuple[str, ...], float]] = {
     0: (("_(object)", "_(action)"), 0.02),
     1: (("_(artist)",), 0.06),
@@ -101,18 +102,38 @@ _NAME_SUFFIXES: dict[int, tuple[tuple[str, ...], float]] = {
     8: (("_(lore)",), 1.0),
 }
 
-_ONSETS = ("", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v",
-           "w", "z", "br", "ch", "cr", "dr", "fl", "gr", "kr", "pl", "sh", "sk", "st", "th", "tr")  # fmt: skip
+_CONSONANTS = "b c d f g h j k l m n p r s t v w z br ch cr dr fl gr kr pl sh sk st th tr"
+_ONSETS = ("", *_CONSONANTS.split(" "))
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "oo", "ou", "y")
 _CODAS = ("", "", "n", "r", "s", "t", "l", "x", "ck", "ng", "rd", "m")
 
 _EMOJI = ("🦊", "🐺", "✨", "❤️", "😂", "🔥", "👀", "🐉", "🌈", "💜", "👨‍👩‍👧", "🏳️‍🌈", "🙏🏽")
-_FOREIGN = ("日本語の説明です。", "狐の絵", "커미션 감사합니다", "Спасибо за просмотр!",
-            "¡Gracias por ver!", "Ça marche, café crème", "naïve façade", "Zürich: ö ä ü ß",
-            "مرحبا بالجميع", "שלום", "ελληνικά", "Ñandú", "ありがとう〜", "中文描述，带逗号",
-            "Tiếng Việt", "ḡ̸̛l̵̨i̷̢t̶c̵h̴")  # fmt: skip
-_FREE_SOURCES = ("Commissioned by a friend, thanks!", "Drawn by me, 2012", "my sketchbook 📓",
-                 "Twitter (deleted)", "https://www.pixiv.net/ 作品", 'from the "Winter" set')  # fmt: skip
+_FOREIGN = (
+    "日本語の説明です。",
+    "狐の絵",
+    "커미션 감사합니다",
+    "Спасибо за просмотр!",
+    "¡Gracias por ver!",
+    "Ça marche, café crème",
+    "naïve façade",
+    "Zürich: ö ä ü ß",
+    "مرحبا بالجميع",
+    "שלום",
+    "ελληνικά",
+    "Ñandú",
+    "ありがとう〜",
+    "中文描述，带逗号",
+    "Tiếng Việt",
+    "ḡ̸̛l̵̨i̷̢t̶c̵h̴",
+)
+_FREE_SOURCES = (
+    "Commissioned by a friend, thanks!",
+    "Drawn by me, 2012",
+    "my sketchbook 📓",
+    "Twitter (deleted)",
+    "https://www.pixiv.net/ 作品",
+    'from the "Winter" set',
+)
 _URL_TEMPLATES: tuple[tuple[str, bool, str, str], ...] = (
     # prefix, uses a user name, middle, suffix; the number goes between middle and suffix
     ("https://www.furaffinity.net/view/", False, "", "/"),
@@ -245,13 +266,12 @@ def _tag_names(rng: np.random.Generator, words: np.ndarray, sizes: dict[int, int
     """Unique names per category, seed (well-known) names first so they get the top ranks."""
     factor = 1.3
     while True:
-        cats, names = [], []
-        for c, n in sizes.items():
-            seeds = np.array(_SEED_NAMES[c][: max(1, n // 3)], _STR)
-            cand = np.concatenate([seeds, _candidate_names(rng, words, c, int(n * factor) + 10)])
-            names.append(cand)
-            cats.append(np.full(cand.size, c))
-        allnames, allcats = np.concatenate(names), np.concatenate(cats)
+        seeds = [np.array(_SEED_NAMES[c][: max(1, n // 3)], _STR) for c, n in sizes.items()]
+        cands = [_candidate_names(rng, words, c, int(n * factor) + 10) for c, n in sizes.items()]
+        names = seeds + cands  # all seeds first: a generated name never displaces a seed
+        allnames = np.concatenate(names)
+        labels = [*sizes, *sizes]
+        allcats = np.concatenate([np.full(a.size, c) for a, c in zip(names, labels, strict=True)])
         _, first = np.unique(allnames, return_index=True)
         keep = np.zeros(allnames.size, bool)
         keep[first] = True
@@ -380,7 +400,9 @@ def _sources(rng: np.random.Generator, words: np.ndarray, n: int) -> list[str]:
 # -------------------------------------------------------------------------------- posts
 
 
-def _creation_times(rng: np.random.Generator, lo: int, hi: int, total: int, span: tuple) -> tuple:
+def _creation_times(
+    rng: np.random.Generator, lo: int, hi: int, total: int, span: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified inverse-CDF draws of an exponentially growing upload rate: sorted by row."""
     start_us, end_us = span
     years = (end_us - start_us) / (365.25 * 86400e6)
@@ -424,8 +446,12 @@ def _media(rng: np.random.Generator, ext: np.ndarray, year: np.ndarray) -> dict[
     width = np.where(video, video_w, width).round()
     height = np.where(video, (video_w * 9) // 16, height).round()
     duration = np.where(video, np.exp(rng.normal(np.log(15), 1.0, n)).clip(0.5, 3600), 0.0)
-    duration = np.where(ext == "gif", np.exp(rng.normal(np.log(3), 0.8, n)).clip(0.1, 120), duration)
-    bpp = np.select([ext == "jpg", ext == "png", ext == "gif", ext == "webp"], [0.35, 1.2, 2, 0.2], 0)
+    duration = np.where(
+        ext == "gif", np.exp(rng.normal(np.log(3), 0.8, n)).clip(0.1, 120), duration
+    )
+    bpp = np.select(
+        [ext == "jpg", ext == "png", ext == "gif", ext == "webp"], [0.35, 1.2, 2, 0.2], 0
+    )
     size = width * height * bpp + np.where(video, duration * 5e5, 0) + (ext == "swf") * 2e6
     size = (size * np.exp(rng.normal(0, 0.4, n))).clip(1000, 1e9)
     has_duration = video | (ext == "gif")
@@ -540,9 +566,14 @@ def _engagement(rng: np.random.Generator, log_mu: np.ndarray, rating: np.ndarray
 
 
 def _pools(
-    rng: np.random.Generator, text: TextPools, ids: np.ndarray, created: np.ndarray, state: _State,
-    end_us: int, uploader: np.ndarray,
-) -> dict[str, list[str]]:  # fmt: skip
+    rng: np.random.Generator,
+    text: TextPools,
+    ids: np.ndarray,
+    created: np.ndarray,
+    state: _State,
+    end_us: int,
+    uploader: np.ndarray,
+) -> dict[str, list[str]]:
     """Pools (comics, series) of a few nearby posts of this chunk; post_ids like `{1,2,3}`."""
     n = ids.size
     m = int(rng.binomial(n, 1 / 120)) if n > 2 else 0
@@ -556,12 +587,16 @@ def _pools(
         members.append("{" + ",".join(map(str, ids[idx].tolist())) + "}")
         first[i], last[i] = idx[0], idx[-1]
     first_created = created[first]
-    updated = np.minimum(created[last] + rng.exponential(30 * 86400e6, m).astype(np.int64), end_us - 1)
-    name_parts = [np.strings.capitalize(text.words[rng.integers(0, text.words.size, m)])
-                  for _ in range(3)]  # fmt: skip
+    updated = np.minimum(
+        created[last] + rng.exponential(30 * 86400e6, m).astype(np.int64), end_us - 1
+    )
+    name_parts = [
+        np.strings.capitalize(text.words[rng.integers(0, text.words.size, m)]) for _ in range(3)
+    ]
     name = np.strings.add(np.strings.add(name_parts[0], "_"), name_parts[1])
-    name = np.where(rng.random(m) < 0.5, np.strings.add(np.strings.add(name, "_"), name_parts[2]),
-                    name)  # fmt: skip
+    name = np.where(
+        rng.random(m) < 0.5, np.strings.add(np.strings.add(name, "_"), name_parts[2]), name
+    )
     name = np.where(rng.random(m) < 0.05, np.strings.add(name, ",_Part_2_🦊"), name)
     desc_pick = text.pool_descriptions[rng.integers(0, text.pool_descriptions.size, m)]
     return {
@@ -578,9 +613,15 @@ def _pools(
 
 
 def _make_chunk(
-    lo: int, hi: int, total: int, seed: int, span: tuple[int, int], vocab: Vocabulary,
-    text: TextPools, state: _State,
-) -> Chunk:  # fmt: skip
+    lo: int,
+    hi: int,
+    total: int,
+    seed: int,
+    span: tuple[int, int],
+    vocab: Vocabulary,
+    text: TextPools,
+    state: _State,
+) -> Chunk:
     """Rows [lo, hi) of the dump; everything vectorised over the chunk."""
     rng = np.random.default_rng([seed, 2, lo // CHUNK_ROWS])
     n = hi - lo
@@ -600,9 +641,14 @@ def _make_chunk(
     deleted = rng.random(n) < 0.05 * np.exp(-0.5 * quality - 0.125)
     pending = ~deleted & (rng.random(n) < np.where(age_days < 3, 0.5, 0.0005))
     log_mu = _expected_log_fav(
-        years=years, age_days=age_days, rating=rating, ext=ext, tag_effect=tag_effect,
-        deleted=deleted, quality=quality,
-    )  # fmt: skip
+        years=years,
+        age_days=age_days,
+        rating=rating,
+        ext=ext,
+        tag_effect=tag_effect,
+        deleted=deleted,
+        quality=quality,
+    )
     updated = created + np.where(
         rng.random(n) < 0.15, 0, rng.exponential(60 * 86400e6, n).astype(np.int64)
     )
@@ -646,8 +692,9 @@ def _make_chunk(
     )
     pools = _pools(rng, text, ids, created, state, end_us, uploader)
     counts = np.bincount(ranks, minlength=vocab.names.size)
-    return Chunk(posts={c: posts[c] for c in POSTS_COLUMNS}, pools=pools, tag_counts=counts,
-                 truth=truth)  # fmt: skip
+    return Chunk(
+        posts={c: posts[c] for c in POSTS_COLUMNS}, pools=pools, tag_counts=counts, truth=truth
+    )
 
 
 def default_n_tags(posts: int) -> int:
@@ -692,8 +739,9 @@ class _CsvGz:
 
     def __init__(self, path: Path, header: tuple[str, ...]) -> None:
         self._raw = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0,
-                                 compresslevel=6)  # fmt: skip
+        self._gz = gzip.GzipFile(
+            filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=6
+        )
         self._header = header
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending: Future | None = None
@@ -709,6 +757,12 @@ class _CsvGz:
         text.detach()
         self._wait()
         self._pending = self._pool.submit(self._gz.write, data)
+
+    def __enter__(self) -> _CsvGz:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -746,19 +800,18 @@ def generate_dump(
     }
     vocab, chunks = iter_chunks(posts, date, seed, n_tags)
     counts = np.zeros(vocab.names.size, np.int64)
-    posts_out = _CsvGz(paths["posts"], POSTS_COLUMNS)
-    pools_out = _CsvGz(paths["pools"], POOLS_COLUMNS)
-    with pq.ParquetWriter(paths["truth"], TRUTH_SCHEMA) as truth_out:
+    with (
+        _CsvGz(paths["posts"], POSTS_COLUMNS) as posts_out,
+        _CsvGz(paths["pools"], POOLS_COLUMNS) as pools_out,
+        pq.ParquetWriter(paths["truth"], TRUTH_SCHEMA) as truth_out,
+    ):
         for chunk in chunks:
             posts_out.write(chunk.posts)
             pools_out.write(chunk.pools)
             truth_out.write_table(chunk.truth)
             counts += chunk.tag_counts
-    posts_out.close()
-    pools_out.close()
-    tags_out = _CsvGz(paths["tags"], TAGS_COLUMNS)
-    tags_out.write(_tags_columns(vocab, counts))
-    tags_out.close()
+    with _CsvGz(paths["tags"], TAGS_COLUMNS) as tags_out:  # post_count needs every chunk first
+        tags_out.write(_tags_columns(vocab, counts))
     return paths
 
 

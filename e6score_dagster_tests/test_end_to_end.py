@@ -1,0 +1,102 @@
+"""The whole graph, for real: HTTP download, DuckDB, training, scoring, export."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from e6score_dagster.model import load_params
+from e6score_dagster.schema import POSTS_COLUMNS
+from e6score_dagster_tests.conftest import DUMP_DATE, materialize
+from e6score_dagster_tests.http_server import serve_directory
+
+
+@pytest.fixture(scope="module")
+def pipeline(generated_dump, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    with serve_directory(generated_dump) as url:
+        result = materialize(home, url)
+    assert result.success
+    return home, result
+
+
+def _dump_posts(folder) -> pd.DataFrame:
+    return pd.read_csv(folder / f"posts-{DUMP_DATE}.csv.gz", dtype=str, keep_default_na=False)
+
+
+def test_scored_table_matches_the_dump_row_by_row(pipeline, generated_dump):
+    home, _ = pipeline
+    dump = _dump_posts(generated_dump)
+    with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
+        scored = conn.execute(
+            "SELECT id, fav_count, expected_fav_count, fav_score, fav_zscore, "
+            "strftime(dump_date, '%Y-%m-%d') AS dump_date FROM scored_posts"
+        ).df()
+        rejected = conn.execute("SELECT count(*) FROM rejected_rows").fetchone()[0]
+    assert rejected == 0  # the generator writes only valid rows
+    assert len(scored) == len(dump) == scored["id"].nunique()
+    merged = dump.assign(id=dump["id"].astype(int)).merge(scored, on="id", suffixes=("_dump", ""))
+    assert len(merged) == len(dump)
+    assert (merged["fav_count_dump"].astype(int) == merged["fav_count"]).all()
+    assert (merged["dump_date"] == DUMP_DATE).all()
+    assert merged["fav_score"].between(0, 1).all()
+    assert (merged["expected_fav_count"] >= 0).all() and np.isfinite(merged["fav_zscore"]).all()
+    # Posts far above their expectation score high, far below score low.
+    hi = merged["fav_count"] > 3 * (merged["expected_fav_count"] + 1)
+    lo = merged["fav_count"] * 3 + 1 < merged["expected_fav_count"]
+    assert merged.loc[hi, "fav_score"].min() > merged.loc[lo, "fav_score"].max()
+
+
+def test_export_has_every_original_column_and_fav_score(pipeline, generated_dump):
+    home, _ = pipeline
+    dump = _dump_posts(generated_dump).set_index("id")
+    export = pd.read_csv(home / "exports" / f"score-{DUMP_DATE}.csv.gz", dtype=str,
+                         keep_default_na=False)
+    assert list(export.columns) == [*POSTS_COLUMNS, "fav_score"]
+    export = export.set_index("id")
+    assert set(export.index) == set(dump.index)
+    exact = [c for c in POSTS_COLUMNS if c not in ("id", "duration")]
+    pd.testing.assert_frame_equal(export.loc[dump.index, exact], dump[exact])
+    dur = dump["duration"] != ""
+    np.testing.assert_allclose(export.loc[dump.index[dur], "duration"].astype(float),
+                               dump.loc[dur, "duration"].astype(float))
+    assert export["fav_score"].astype(float).between(0, 1).all()
+
+
+def test_materialisations_carry_metadata_and_checks_pass(pipeline):
+    _, result = pipeline
+    for asset in ("raw_dump", "cleaned_posts", "tag_vocabulary", "feature_matrix",
+                  "fitted_params", "scored_posts"):
+        mats = result.asset_materializations_for_node(asset)
+        assert len(mats) == 1, asset
+        meta = mats[0].metadata
+        assert meta["dump_date"].value == DUMP_DATE, asset
+        assert "seconds" in meta, asset
+    meta = result.asset_materializations_for_node("fitted_params")[0].metadata
+    assert meta["holdout_nll"].value < meta["holdout_nll_constant_baseline"].value
+    scored_meta = result.asset_materializations_for_node("scored_posts")[0].metadata
+    assert scored_meta["dagster/row_count"].value == 3000
+    assert [c.name for c in scored_meta["dagster/column_schema"].schema.columns][:5] == [
+        "id", "fav_count", "expected_fav_count", "fav_score", "fav_zscore"]
+    evaluations = result.get_asset_check_evaluations()
+    assert len(evaluations) == 3 and all(e.passed for e in evaluations)
+
+
+def test_params_file_is_keyed_and_loadable(pipeline):
+    home, _ = pipeline
+    files = list((home / "params").glob("*.msgpack"))
+    assert len(files) == 1
+    assert files[0].name.startswith(DUMP_DATE)
+    fitted = load_params(files[0])
+    assert fitted.meta["dump_date"] == DUMP_DATE and fitted.config.epochs == 4
+
+
+def test_dump_was_downloaded_and_verified(pipeline, generated_dump):
+    home, _ = pipeline
+    folder = home / "dumps" / DUMP_DATE
+    for kind in ("posts", "tags"):
+        local = folder / f"{kind}-{DUMP_DATE}.csv.gz"
+        assert local.read_bytes() == (generated_dump / local.name).read_bytes()
+        assert (folder / f"{local.name}.ok").exists()
