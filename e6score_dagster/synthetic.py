@@ -8,15 +8,20 @@ signal (a hidden per-post ``quality``) so benchmarks can measure how much of it 
 
 Generative process for ``fav_count`` (the signal a model may or may not recover)::
 
-    log_mu = BASE_LOG_FAV                        # 2007 audience
-           + AUDIENCE_GROWTH * years_since_launch   # audience grows exponentially
+    log_mu = BASE_LOG_FAV                            # 2007 audience
+           + AUDIENCE_GROWTH * years_since_launch    # audience grows exponentially
            + RATING_EFFECT[rating] + EXT_EFFECT[file_ext]
-           + sum(hidden tag effects)             # artist >> character/copyright > general
+           + sum(hidden effect of each tag)          # N(0, sd) per tag, sd by category:
+                                                     # artist 0.7 >> character/copyright ~0.3
+                                                     # > species/lore 0.15 > general/meta 0.08
            + DELETED_EFFECT * is_deleted
-           + QUALITY_EFFECT * quality            # quality ~ N(0, 1), hidden
-           + log(1 - exp(-age_days / MATURITY_DAYS))   # young posts have not caught up yet
+           + QUALITY_EFFECT * quality                # quality ~ N(0, 1), hidden
+           + log(1 - exp(-age_days / MATURITY_DAYS)) # young posts have not caught up yet
     fav_count ~ Poisson(exp(log_mu) * Gamma(FAV_DISPERSION, 1 / FAV_DISPERSION))
 
+Everything but ``quality`` and the gamma noise is visible in the metadata (tags, rating,
+file_ext, created_at, is_deleted; deletion is a little likelier for low quality). up_score,
+down_score, score and comment_count are drawn *from* fav_count: outcomes, not inputs.
 ``truth-DATE.parquet`` records ``quality`` and ``expected_log_fav`` (= ``log_mu``) per post id.
 """
 
@@ -244,16 +249,46 @@ def _pseudo_words(rng: np.random.Generator, n: int) -> np.ndarray:
     return out[:n]
 
 
-def _candidate_names(rng: np.random.Generator, words: np.ndarray, cat: int, n: int) -> np.ndarray:
-    """Word combinations joined by `_`, some with e621's `_(qualifier)` suffixes."""
-    parts = rng.choice(3, size=n, p=(0.35, 0.5, 0.15)) + 1
-    name = words[rng.integers(0, words.size, n)]
-    for extra in (2, 3):
-        more = np.strings.add("_", words[rng.integers(0, words.size, n)])
-        name = np.where(parts >= extra, np.strings.add(name, more), name)
+_ALL_SUFFIXES = ("", *dict.fromkeys(x for sufs, _ in _NAME_SUFFIXES.values() for x in sufs))
+
+
+def _candidate_keys(rng: np.random.Generator, n_words: int, cat: int, n: int) -> np.ndarray:
+    """Names as integer codes (word, word, word, suffix), so de-duplication is a cheap sort.
+
+    Words hold no `_` and suffixes start with `_(`, so equal codes <=> equal strings.
+    """
+    base = n_words + 1  # word code 0 = absent
+    parts = rng.choice(3, size=n, p=(0.25, 0.55, 0.2)) + 1
+    w = rng.integers(0, n_words, (3, n)) + 1
+    w[1, parts < 2] = 0
+    w[2, parts < 3] = 0
     suffixes, share = _NAME_SUFFIXES[cat]
-    suffix = np.array(suffixes, _STR)[rng.integers(0, len(suffixes), n)]
-    return np.where(rng.random(n) < share, np.strings.add(name, suffix), name)
+    codes = np.array([_ALL_SUFFIXES.index(x) for x in suffixes])
+    suffix = np.where(rng.random(n) < share, codes[rng.integers(0, codes.size, n)], 0)
+    return ((w[0] * base + w[1]) * base + w[2]) * len(_ALL_SUFFIXES) + suffix
+
+
+def _key_names(keys: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """Decode _candidate_keys codes into `word_word_(suffix)` strings (object array)."""
+    base = words.size + 1
+    suffix = keys % len(_ALL_SUFFIXES)
+    rest = keys // len(_ALL_SUFFIXES)
+    w2, rest = rest % base, rest // base
+    w1, w0 = rest % base, rest // base
+    plain = np.concatenate([[""], words.astype(object)])
+    joined = np.concatenate([[""], "_" + words.astype(object)])
+    return plain[w0] + joined[w1] + joined[w2] + np.array(_ALL_SUFFIXES, dtype=object)[suffix]
+
+
+def _first_occurrence(keys: np.ndarray) -> np.ndarray:
+    """Mask of the first occurrence of each key (stable sort; np.unique is slow here)."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    first = np.ones(keys.size, bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    mask = np.empty(keys.size, bool)
+    mask[order] = first
+    return mask
 
 
 def _category_sizes(n_tags: int) -> dict[int, int]:
@@ -262,20 +297,29 @@ def _category_sizes(n_tags: int) -> dict[int, int]:
     return sizes
 
 
-def _tag_names(rng: np.random.Generator, words: np.ndarray, sizes: dict[int, int]) -> dict:
-    """Unique names per category, seed (well-known) names first so they get the top ranks."""
-    factor = 1.3
+def _category_seeds(sizes: dict[int, int]) -> dict[int, tuple[str, ...]]:
+    return {c: _SEED_NAMES[c][: max(1, n // 3)] for c, n in sizes.items()}
+
+
+def _tag_names(
+    rng: np.random.Generator, words: np.ndarray, sizes: dict[int, int]
+) -> dict[int, np.ndarray]:
+    """Unique names per category: well-known seed names first, then generated ones."""
+    seeds = _category_seeds(sizes)
+    taken = {x for names in seeds.values() for x in names}
+    factor = 1.6
     while True:
-        seeds = [np.array(_SEED_NAMES[c][: max(1, n // 3)], _STR) for c, n in sizes.items()]
-        cands = [_candidate_names(rng, words, c, int(n * factor) + 10) for c, n in sizes.items()]
-        names = seeds + cands  # all seeds first: a generated name never displaces a seed
-        allnames = np.concatenate(names)
-        labels = [*sizes, *sizes]
-        allcats = np.concatenate([np.full(a.size, c) for a, c in zip(names, labels, strict=True)])
-        _, first = np.unique(allnames, return_index=True)
-        keep = np.zeros(allnames.size, bool)
-        keep[first] = True
-        out = {c: allnames[keep & (allcats == c)][:n] for c, n in sizes.items()}
+        keys = [_candidate_keys(rng, words.size, c, int(n * factor) + 20) for c, n in sizes.items()]
+        labels = np.concatenate([np.full(k.size, c) for k, c in zip(keys, sizes, strict=True)])
+        allkeys = np.concatenate(keys)
+        keep = _first_occurrence(allkeys)
+        out = {}
+        for c, n in sizes.items():
+            need = n - len(seeds[c])
+            cand = allkeys[keep & (labels == c)][: need + 50]
+            names = _key_names(cand, words)
+            names = names[[x not in taken for x in names.tolist()]][:need]
+            out[c] = np.concatenate([np.array(seeds[c], dtype=object), names])
         if all(out[c].size == n for c, n in sizes.items()):
             return out
         factor *= 2
@@ -295,21 +339,22 @@ def _zipf_cum(rng: np.random.Generator, n: int, offset: float, n_seeds: int) -> 
 def build_vocabulary(seed: int, n_tags: int) -> Vocabulary:
     """The tag universe: names, categories, popularity and hidden effects."""
     rng = np.random.default_rng([seed, 0])
-    words = _pseudo_words(rng, max(4000, min(n_tags, 200_000)))
+    words = _pseudo_words(rng, max(4000, min(n_tags // 4, 200_000)))
     sizes = _category_sizes(n_tags)
     by_cat = _tag_names(rng, words, sizes)
+    seeds = _category_seeds(sizes)
     names = np.concatenate([by_cat[c] for c in sizes])
     cats = np.concatenate([np.full(sizes[c], c) for c in sizes])
     effect = np.concatenate([rng.normal(0.0, CATEGORY_EFFECT_SD[c], sizes[c]) for c in sizes])
     cum = {}
     start = 0
     for c, n in sizes.items():
-        n_seeds = min(len(_SEED_NAMES[c]), max(1, n // 3))
-        cum[c] = _zipf_cum(rng, n, CATEGORY_ZIPF_OFFSET[c], n_seeds)
+        cum[c] = _zipf_cum(rng, n, CATEGORY_ZIPF_OFFSET[c], len(seeds[c]))
         effect[start : start + n] -= effect[start : start + n].mean()
         start += n
     ids = rng.permutation(np.sort(rng.choice(int(n_tags * 1.3) + 10, n_tags, replace=False)) + 1)
-    order = np.argsort(names, kind="stable")
+    listed = names.tolist()
+    order = np.array(sorted(range(n_tags), key=listed.__getitem__))  # faster than np.argsort
     rank = np.empty(n_tags, np.int64)
     rank[order] = np.arange(n_tags)
     members, start = {}, 0
@@ -317,7 +362,7 @@ def build_vocabulary(seed: int, n_tags: int) -> Vocabulary:
         members[c] = rank[start : start + n]
         start += n
     return Vocabulary(
-        names=names[order].astype(object),
+        names=names[order],
         ids=ids[order],
         category=cats[order],
         effect=effect[order],
@@ -730,6 +775,9 @@ def iter_chunks(
 # ------------------------------------------------------------------------------- writing
 
 
+_CSV_BATCH = 5000
+
+
 class _CsvGz:
     """Deterministic gzip (mtime 0, no file name) CSV writer with Python csv conventions.
 
@@ -740,7 +788,7 @@ class _CsvGz:
     def __init__(self, path: Path, header: tuple[str, ...]) -> None:
         self._raw = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._gz = gzip.GzipFile(
-            filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=6
+            filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=4
         )
         self._header = header
         self._pool = ThreadPoolExecutor(max_workers=1)
@@ -748,13 +796,16 @@ class _CsvGz:
         self.write({c: [c] for c in header})
 
     def write(self, columns: dict[str, list[str]]) -> None:
-        raw = io.BytesIO()
-        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")  # no 4-byte/char StringIO
-        writer = csv.writer(text, lineterminator="\n", quoting=csv.QUOTE_MINIMAL, doublequote=True)
-        writer.writerows(zip(*(columns[c] for c in self._header), strict=True))
-        text.flush()
-        data = raw.getvalue()
-        text.detach()
+        rows = list(zip(*(columns[c] for c in self._header), strict=True))
+        parts = []
+        for lo in range(0, len(rows), _CSV_BATCH):  # small StringIOs: they hold 4 bytes/char
+            buf = io.StringIO()
+            writer = csv.writer(
+                buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL, doublequote=True
+            )
+            writer.writerows(rows[lo : lo + _CSV_BATCH])
+            parts.append(buf.getvalue().encode("utf-8"))
+        data = b"".join(parts)
         self._wait()
         self._pending = self._pool.submit(self._gz.write, data)
 

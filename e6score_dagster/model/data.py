@@ -135,9 +135,9 @@ class ParquetBatches:
         if self.rows == "all":
             return None
         holdout = table.column("holdout").to_numpy(zero_copy_only=False)
-        if self.rows == "holdout":
-            return holdout
-        return ~holdout & table.column("trainable").to_numpy(zero_copy_only=False)
+        trainable = table.column("trainable").to_numpy(zero_copy_only=False)
+        # Held-out rows are judged like training rows (e.g. no deleted posts), only unseen.
+        return (holdout if self.rows == "holdout" else ~holdout) & trainable
 
     def num_rows(self) -> int:
         if self._num_rows is None:
