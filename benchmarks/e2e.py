@@ -26,7 +26,9 @@ WORK = HERE / "work"
 RESULTS_JSON = HERE / "e2e.json"
 RESULTS_MD = HERE / "RESULTS.md"
 DATE = "2026-11-20"
-STEP_RE = re.compile(r" - (\w+) - STEP_SUCCESS - Finished execution of step \"\w+\" in ([\dhms.]+)\.")
+STEP_RE = re.compile(
+    r" - (\w+) - STEP_SUCCESS - Finished execution of step \"\w+\" in ([\dhms.]+)\."
+)
 UNITS = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
 
 
@@ -39,8 +41,19 @@ def ensure_dump(posts: int, seed: int) -> Path:
     out = WORK / f"dump-{posts}-s{seed}"
     if not (out / f"posts-{DATE}.csv.gz").exists():
         subprocess.run(
-            [sys.executable, "-m", "e6score_dagster.synthetic", "--posts", str(posts),
-             "--date", DATE, "--out", str(out), "--seed", str(seed)],
+            [
+                sys.executable,
+                "-m",
+                "e6score_dagster.synthetic",
+                "--posts",
+                str(posts),
+                "--date",
+                DATE,
+                "--out",
+                str(out),
+                "--seed",
+                str(seed),
+            ],
             check=True,
         )
     return out
@@ -48,14 +61,15 @@ def ensure_dump(posts: int, seed: int) -> Path:
 
 def time_v(cmd: list[str], env: dict, log: Path) -> dict:
     with log.open("w") as f:
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, stdout=f,
-                              stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            ["/usr/bin/time", "-v", *cmd], env=env, stdout=f, stderr=subprocess.STDOUT
+        )
     text = log.read_text()
     if proc.returncode != 0:
         raise SystemExit(f"run failed (rc {proc.returncode}); see {log}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", text).group(1)
     parts = [float(p) for p in wall.split(":")]
-    seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    seconds = sum(p * 60**i for i, p in enumerate(reversed(parts)))
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
     steps = {name: parse_duration(d) for name, d in STEP_RE.findall(text)}
     return {"wall_s": round(seconds, 1), "peak_rss_mb": round(rss_kb / 1024), "steps_s": steps}
@@ -76,15 +90,24 @@ def main() -> None:
     shutil.rmtree(home, ignore_errors=True)
     env = {**os.environ, "E6SCORE_HOME": str(home), "E6SCORE_DUMP_SOURCE": str(source)}
     cmd = ["dagster", "asset", "materialize", "-m", "e6score_dagster", "--select", "*"]
-    record = {"label": label, "when": time.strftime("%Y-%m-%d %H:%M"),
-              "command": " ".join(cmd), "source": str(source)}
+    record = {
+        "label": label,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join(cmd),
+        "source": str(source),
+    }
     record.update(time_v(cmd, env, WORK / f"{slug}.log"))
     with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
-        info = json.loads(conn.execute(
-            "SELECT info FROM e6score_lineage WHERE asset = 'fitted_params'").fetchone()[0])
+        info = json.loads(
+            conn.execute(
+                "SELECT info FROM e6score_lineage WHERE asset = 'fitted_params'"
+            ).fetchone()[0]
+        )
         record["posts_scored"] = conn.execute("SELECT count(*) FROM scored_posts").fetchone()[0]
     record["holdout"] = info["metrics"]
-    record["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    record["machine"] = (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     runs = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else []
     runs = [r for r in runs if r["label"] != label] + [record]
     RESULTS_JSON.write_text(json.dumps(runs, indent=1) + "\n")
@@ -101,14 +124,16 @@ def write_md(runs: list[dict]) -> None:
         "from an empty `E6SCORE_HOME` (download from a local folder included, dump generation",
         "excluded). Peak RSS is the largest process of the run (all steps run in one process).",
         "",
-        "| run | posts scored | wall | peak RSS | held-out NLL | constant log-normal NLL | machine |",
+        "| run | posts scored | wall | peak RSS | held-out NLL | constant log-normal NLL "
+        "| machine |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         h = r["holdout"]
         lines.append(
-            f"| {r['label']} | {r['posts_scored']:,} | {r['wall_s']:.0f} s | {r['peak_rss_mb']:,} MB "
-            f"| {h['nll']:.4f} | {h['baseline_constant_nll']:.4f} | {r['machine']} |"
+            f"| {r['label']} | {r['posts_scored']:,} | {r['wall_s']:.0f} s "
+            f"| {r['peak_rss_mb']:,} MB | {h['nll']:.4f} | {h['baseline_constant_nll']:.4f} "
+            f"| {r['machine']} |"
         )
     lines += ["", "Per-step seconds:", ""]
     for r in runs:
