@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from e6score_dagster import checks
+from e6score_dagster import automation, checks
 from e6score_dagster.assets.clean import cleaned_posts
 from e6score_dagster.assets.features import feature_matrix
 from e6score_dagster.assets.ingest import e621_dump, raw_dump
@@ -26,12 +26,20 @@ e6score_job = dg.define_asset_job(
     description="Fetch the current dump and rebuild everything down to scored_posts.",
 )
 
-defs = dg.Definitions(
-    assets=[e621_dump, *PIPELINE],
-    asset_checks=CHECKS,
-    jobs=[e6score_job],
-    resources=make_resources(),
-    # The chain is linear, so separate step processes buy no parallelism, only ~4 s of
-    # start-up each; concurrent runs are still serialised on DuckDB by the `duckdb` pool.
-    executor=dg.in_process_executor,
-)
+
+def build_defs(resources: dict | None = None) -> dg.Definitions:
+    observe = automation.observe_job()
+    return dg.Definitions(
+        assets=[e621_dump, *PIPELINE],
+        asset_checks=CHECKS,
+        jobs=[e6score_job, observe],
+        schedules=[automation.daily_schedule(observe)],
+        sensors=[automation.automation_sensor()],
+        resources=resources if resources is not None else make_resources(),
+        # The chain is linear, so separate step processes buy no parallelism, only ~4 s of
+        # start-up each; concurrent runs are still serialised on DuckDB by the `duckdb` pool.
+        executor=dg.in_process_executor,
+    )
+
+
+defs = build_defs()

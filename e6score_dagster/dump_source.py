@@ -363,6 +363,32 @@ class DumpSource:
                 f"tags dates: {sorted(dates['tags'])[-5:]})")
         return max(common)
 
+    def fingerprint(self, date: str) -> str:
+        """What identifies one dump's files without downloading them: the date plus, per file,
+        the size and ETag / Last-Modified (HTTP) or the modification time (local folder).
+
+        A dump re-published under the same date therefore still counts as a new version.
+        """
+        date = validate_date(date)
+        parts = [date]
+        for kind in REQUIRED_KINDS:
+            name = dump_file_name(kind, date)
+            if self._dir is not None:
+                st = (self._dir / name).stat()
+                parts.append(f"{kind}:{st.st_size}:{st.st_mtime_ns}")
+                continue
+            assert self._base_url is not None
+            try:
+                with contextlib.closing(self._request("HEAD", self._base_url + name)) as resp:
+                    if resp.status_code != 200:
+                        raise _Invalid(f"HTTP {resp.status_code}")
+                    h = resp.headers
+                    parts.append(f"{kind}:{h.get('content-length', '')}:{h.get('etag', '')}:"
+                                 f"{h.get('last-modified', '')}")
+            except (*_TRANSPORT_ERRORS, _Invalid) as exc:
+                raise DumpSourceError(f"cannot inspect {name} at {self._base_url}: {exc}") from exc
+        return "|".join(parts)
+
     def _local_dates(self) -> dict[str, set[str]]:
         assert self._dir is not None
         if not self._dir.is_dir():

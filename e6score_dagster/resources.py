@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -12,6 +14,7 @@ from e6score_dagster.dump_source import DumpSource
 
 DEFAULT_SOURCE = "https://e621.net/db_export/"
 DB_FILE = "e6score.duckdb"
+DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def default_home() -> Path:
@@ -33,6 +36,8 @@ class StateDir(dg.ConfigurableResource):
     """The folder for runtime state (`$E6SCORE_HOME`): dumps, features, params, exports."""
 
     home: str
+    keep_dumps: int = 3
+    """How many dump folders to keep under dumps/; older ones go after a newer run succeeds."""
 
     @property
     def root(self) -> Path:
@@ -58,6 +63,22 @@ class StateDir(dg.ConfigurableResource):
     @property
     def exports(self) -> Path:
         return self.sub("exports")
+
+    def prune_dumps(self, keep_through: str) -> list[str]:
+        """Remove all but the newest `keep_dumps` dump folders, never `keep_through` or newer.
+
+        Called only after a run for `keep_through` succeeded, so a failed newer run never
+        costs the dump the last good outputs were built from.
+        """
+        dates = sorted(
+            (p.name for p in self.dumps.iterdir() if p.is_dir() and DATE_RE.fullmatch(p.name)),
+            reverse=True,
+        )
+        keep = set(dates[: max(self.keep_dumps, 1)]) | {d for d in dates if d >= keep_through}
+        removed = [d for d in dates if d not in keep]
+        for d in removed:
+            shutil.rmtree(self.dumps / d, ignore_errors=True)
+        return removed
 
 
 class DumpSourceResource(dg.ConfigurableResource):
@@ -94,8 +115,9 @@ def duckdb_resource(home: Path, memory_limit: str = "3GB") -> DuckDBResource:
 def make_resources(home: Path | None = None, source: str | None = None) -> dict:
     home = Path(home) if home is not None else default_home()
     home.mkdir(parents=True, exist_ok=True)
+    keep = int(os.environ.get("E6SCORE_KEEP_DUMPS", "3"))
     return {
-        "state": StateDir(home=str(home)),
+        "state": StateDir(home=str(home), keep_dumps=keep),
         "dump_source": DumpSourceResource(location=source or default_source()),
         "duckdb": duckdb_resource(home),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -58,6 +59,35 @@ def read_lineage(conn: duckdb.DuckDBPyConnection, asset: str) -> tuple[str, dict
     return row[0], json.loads(row[1])
 
 
+def version_key(*parts: object) -> str:
+    """A short, stable digest of what an output was built from (inputs, code, config)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def built_from(conn: duckdb.DuckDBPyConnection, asset: str, key: str) -> dict[str, Any] | None:
+    """The lineage info of `asset` if its last build used exactly `key`, else None."""
+    try:
+        _, info = read_lineage(conn, asset)
+    except MissingUpstreamError:
+        return None
+    return info if info.get("key") == key else None
+
+
+def code_version(context: dg.AssetExecutionContext) -> str:
+    return context.assets_def.code_versions_by_key[context.asset_key] or "0"
+
+
+def lineage_metadata(dump_date: str, key: str, inputs: dict[str, str], reused: bool) -> dict:
+    """What every materialisation says about its provenance."""
+    return {
+        "dump_date": dump_date,
+        "data_version": key,
+        "built_from": dg.MetadataValue.json(inputs),
+        "reused": reused,
+    }
+
+
 def column_schema(conn: duckdb.DuckDBPyConnection, table: str) -> dg.TableSchema:
     rows = conn.execute(
         "SELECT column_name, data_type FROM information_schema.columns "
@@ -74,3 +104,19 @@ def table_metadata(conn: duckdb.DuckDBPyConnection, table: str) -> dict[str, Any
         "dagster/column_schema": column_schema(conn, table),
         "table": dg.MetadataValue.text(table),
     }
+
+
+def reused_result(
+    conn: duckdb.DuckDBPyConnection,
+    dump_date: str,
+    key: str,
+    inputs: dict[str, str],
+    table: str | None = None,
+    **extra: Any,
+) -> dg.MaterializeResult:
+    """The result of a stage whose output is already built from the same inputs: no work."""
+    meta = table_metadata(conn, table) if table else {}
+    return dg.MaterializeResult(
+        metadata={**meta, **lineage_metadata(dump_date, key, inputs, reused=True), **extra},
+        data_version=dg.DataVersion(key),
+    )

@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.csv_read import (
     DumpFormatError,
     check_header,
@@ -13,7 +14,17 @@ from e6score_dagster.csv_read import (
     read_csv_sql,
 )
 from e6score_dagster.schema import POSTS_COLUMNS
-from e6score_dagster.store import read_lineage, record_lineage, table_metadata, transaction
+from e6score_dagster.store import (
+    built_from,
+    code_version,
+    lineage_metadata,
+    read_lineage,
+    record_lineage,
+    reused_result,
+    table_metadata,
+    transaction,
+    version_key,
+)
 
 TS_FORMATS = "['%Y-%m-%d %H:%M:%S.%f', '%Y-%m-%d %H:%M:%S']"
 
@@ -89,6 +100,7 @@ CLEAN_COLUMNS = ", ".join([*POSTS_COLUMNS, "tags"])
     kinds={"duckdb"},
     code_version="1",
     pool="duckdb",
+    automation_condition=ON_NEW_DATA_VERSION,
     description="Posts of the current dump as typed DuckDB rows (timestamps, booleans, a tag "
     "array). Rows that cannot be repaired go to `rejected_rows` with their reason, so "
     "`cleaned_posts` + `rejected_rows` account for every row of the dump.",
@@ -99,6 +111,11 @@ def cleaned_posts(
     t0 = time.perf_counter()
     with duckdb.get_connection() as conn:
         dump_date, dump = read_lineage(conn, "raw_dump")
+        inputs = {"raw_dump": dump["key"]}
+        key = version_key(inputs, code_version(context))
+        if built_from(conn, "cleaned_posts", key):
+            context.log.info("cleaned_posts is already built from this dump and code: reused")
+            return reused_result(conn, dump_date, key, inputs, "cleaned_posts")
         posts = Path(dump["posts"])
         try:
             header = check_header(posts, POSTS_COLUMNS)
@@ -158,7 +175,12 @@ def cleaned_posts(
                 conn,
                 "cleaned_posts",
                 dump_date,
-                {"rows": n_clean, "rejected": n_rejected, "dump_rows": n_clean + n_rejected},
+                {
+                    "key": key,
+                    "rows": n_clean,
+                    "rejected": n_rejected,
+                    "dump_rows": n_clean + n_rejected,
+                },
             )
         reasons = conn.execute(
             "SELECT regexp_replace(reason, ':.*', '') AS r, count(*) FROM rejected_rows "
@@ -170,9 +192,10 @@ def cleaned_posts(
     if n_rejected:
         context.log.warning(f"{n_rejected} of {total} rows rejected: see table rejected_rows")
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(key),
         metadata={
             **meta,
-            "dump_date": dump_date,
+            **lineage_metadata(dump_date, key, inputs, reused=False),
             "dump_rows": dg.MetadataValue.int(total),
             "rejected_rows": dg.MetadataValue.int(n_rejected),
             "rejected_csv_rows": dg.MetadataValue.int(int(csv_rejected)),
@@ -180,5 +203,5 @@ def cleaned_posts(
             "rejected_by_reason": dg.MetadataValue.json({r: int(n) for r, n in reasons}),
             "parse_seconds": round(t_parse, 2),
             "seconds": round(time.perf_counter() - t0, 2),
-        }
+        },
     )

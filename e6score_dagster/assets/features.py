@@ -4,20 +4,25 @@ import json
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.model import FeatureLayout
 from e6score_dagster.resources import StateDir
 from e6score_dagster.schema import SITE_LAUNCH
 from e6score_dagster.store import (
     MissingUpstreamError,
+    built_from,
+    code_version,
+    lineage_metadata,
     read_lineage,
     record_lineage,
+    reused_result,
     transaction,
+    version_key,
 )
 
 FILE_EXTS = ("jpg", "png", "gif", "webp", "webm", "mp4", "swf")  # index 0 is "other"
@@ -129,6 +134,7 @@ def _layout(conn, matrix: Path, config: FeatureConfig) -> FeatureLayout:
     kinds={"duckdb", "parquet"},
     code_version="1",
     pool="duckdb",
+    automation_condition=ON_NEW_DATA_VERSION,
     description="One row per cleaned post: id, log1p(fav_count), a fixed-width tag-index list, "
     "rating, file type, numeric metadata (upload time, age at the dump, sizes, tag counts by "
     "category) and the hash-based hold-out flag. Parquet, pre-shuffled, in row groups.",
@@ -140,13 +146,22 @@ def feature_matrix(
     state: StateDir,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
-    final_dir = state.features / f"features-{uuid.uuid4().hex[:12]}"
+    with duckdb.get_connection() as conn:
+        dump_date, vocab = read_lineage(conn, "tag_vocabulary")
+        _, posts = read_lineage(conn, "cleaned_posts")
+        inputs = {"cleaned_posts": posts["key"], "tag_vocabulary": vocab["key"]}
+        key = version_key(inputs, code_version(context), config.model_dump())
+        final_dir = state.features / f"features-{key}"
+        if built_from(conn, "feature_matrix", key) and (final_dir / "layout.json").exists():
+            context.log.info("feature_matrix is already built from these inputs: reused")
+            return reused_result(conn, dump_date, key, inputs, path=str(final_dir))
+        _, previous = _previous(conn)
     part_dir = final_dir.with_name("." + final_dir.name + ".part")
+    shutil.rmtree(part_dir, ignore_errors=True)
     part_dir.mkdir(parents=True)
     matrix = part_dir / "matrix.parquet"
     try:
         with duckdb.get_connection() as conn:
-            dump_date, _ = read_lineage(conn, "tag_vocabulary")
             conn.execute(
                 f"COPY ({feature_sql(dump_date, config)}) TO '{matrix}' "
                 f"(FORMAT parquet, ROW_GROUP_SIZE {config.row_group_size}, COMPRESSION zstd)"
@@ -157,14 +172,15 @@ def feature_matrix(
                 f"SELECT count(*), count(*) FILTER (WHERE holdout), "
                 f"count(*) FILTER (WHERE trainable AND NOT holdout) FROM read_parquet('{matrix}')"
             ).fetchone()
+            schema = conn.execute(f"DESCRIBE SELECT * FROM read_parquet('{matrix}')").fetchall()
+            shutil.rmtree(final_dir, ignore_errors=True)
             os.replace(part_dir, final_dir)
             with transaction(conn):
-                _, previous = _previous(conn)
                 record_lineage(
                     conn,
                     "feature_matrix",
                     dump_date,
-                    {"dir": str(final_dir), "rows": int(counts[0])},
+                    {"key": key, "dir": str(final_dir), "rows": int(counts[0])},
                 )
     except BaseException:
         shutil.rmtree(part_dir, ignore_errors=True)
@@ -173,16 +189,20 @@ def feature_matrix(
         shutil.rmtree(previous, ignore_errors=True)
     size = (final_dir / "matrix.parquet").stat().st_size
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(key),
         metadata={
-            "dump_date": dump_date,
+            **lineage_metadata(dump_date, key, inputs, reused=False),
             "dagster/row_count": dg.MetadataValue.int(int(counts[0])),
+            "dagster/column_schema": dg.TableSchema(
+                columns=[dg.TableColumn(r[0], r[1]) for r in schema]
+            ),
             "holdout_rows": dg.MetadataValue.int(int(counts[1])),
             "training_rows": dg.MetadataValue.int(int(counts[2])),
             "numeric_features": dg.MetadataValue.json(list(NUMERIC_FEATURES)),
             "path": dg.MetadataValue.path(str(final_dir / "matrix.parquet")),
             "bytes": dg.MetadataValue.int(size),
             "seconds": round(time.perf_counter() - t0, 2),
-        }
+        },
     )
 
 

@@ -7,9 +7,10 @@ import time
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.dump_source import DumpFiles
 from e6score_dagster.resources import DumpSourceResource, StateDir
-from e6score_dagster.store import record_lineage, transaction
+from e6score_dagster.store import built_from, lineage_metadata, record_lineage, transaction
 
 
 @dg.observable_source_asset(
@@ -17,9 +18,12 @@ from e6score_dagster.store import record_lineage, transaction
     description="The newest e621 database export at `E6SCORE_DUMP_SOURCE` (observed, not stored).",
 )
 def e621_dump(context: dg.AssetExecutionContext, dump_source: DumpSourceResource) -> dg.DataVersion:
-    date = dump_source.client().newest_date()
-    context.log.info(f"newest dump at {dump_source.location}: {date}")
-    return dg.DataVersion(date)
+    """Observing an unchanged source yields the same version, so nothing downstream runs."""
+    source = dump_source.client()
+    date = source.newest_date()
+    fingerprint = source.fingerprint(date)
+    context.log.info(f"newest dump at {dump_source.location}: {fingerprint}")
+    return dg.DataVersion(fingerprint)
 
 
 def content_hash(files: DumpFiles) -> str:
@@ -38,6 +42,8 @@ def content_hash(files: DumpFiles) -> str:
     kinds={"http", "gzip"},
     code_version="1",
     pool="duckdb",
+    deps=["e621_dump"],
+    automation_condition=ON_NEW_DATA_VERSION,
     description="The newest dump present for both posts and tags, downloaded once, verified "
     "(size, gzip integrity, sha256) and kept under `$E6SCORE_HOME/dumps/DATE/`.",
 )
@@ -53,7 +59,9 @@ def raw_dump(
     context.log.info(f"current dump: {date} at {dump_source.location}")
     files = source.fetch(date, state.dumps)
     version = content_hash(files)
+    key = version[:16]
     info = {
+        "key": key,
         "posts": str(files.posts),
         "tags": str(files.tags),
         "pools": str(files.pools) if files.pools else None,
@@ -61,16 +69,17 @@ def raw_dump(
         "source": dump_source.location,
     }
     with duckdb.get_connection() as conn, transaction(conn):
+        reused = built_from(conn, "raw_dump", key) is not None
         record_lineage(conn, "raw_dump", date, info)
     sizes = files.sizes()
     return dg.MaterializeResult(
         metadata={
-            "dump_date": date,
+            **lineage_metadata(date, key, {"source": dump_source.location}, reused),
             "source": dump_source.location,
             "content_sha256": version,
             **{f"{k}_bytes": dg.MetadataValue.int(v) for k, v in sizes.items()},
             "path": dg.MetadataValue.path(str(files.posts.parent)),
             "seconds": round(time.perf_counter() - t0, 2),
         },
-        data_version=dg.DataVersion(version[:16]),
+        data_version=dg.DataVersion(key),
     )

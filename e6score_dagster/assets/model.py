@@ -6,20 +6,28 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.model import (
     FeatureLayout,
     ModelConfig,
     ParquetBatches,
     evaluate,
+    load_params,
     save_params,
     train,
 )
 from e6score_dagster.model.params import Fitted
 from e6score_dagster.plots import line_plot_md
 from e6score_dagster.resources import StateDir
-from e6score_dagster.store import read_lineage, record_lineage, transaction
+from e6score_dagster.store import (
+    code_version,
+    lineage_metadata,
+    read_lineage,
+    record_lineage,
+    transaction,
+    version_key,
+)
 
-MODEL_CODE_VERSION = "1"
 _DEFAULTS = ModelConfig()
 
 
@@ -47,11 +55,13 @@ class TrainingConfig(dg.Config):
     group_name="model",
     deps=["feature_matrix"],
     kinds={"jax", "msgpack"},
-    code_version=MODEL_CODE_VERSION,
+    code_version="1",
     pool="duckdb",
+    automation_condition=ON_NEW_DATA_VERSION,
     description="The fitted E6Score model (Flax params, msgpack), trained on every non-deleted "
     "post outside the hold-out set. One file per (feature matrix, code version, config) under "
-    "`$E6SCORE_HOME/params/`; earlier files stay loadable.",
+    "`$E6SCORE_HOME/params/`: the same inputs never train twice, and earlier files stay "
+    "loadable.",
 )
 def fitted_params(
     context: dg.AssetExecutionContext,
@@ -62,43 +72,64 @@ def fitted_params(
     t0 = time.perf_counter()
     with duckdb.get_connection() as conn:
         dump_date, features = read_lineage(conn, "feature_matrix")
+    mcfg = config.to_model_config()
+    inputs = {"feature_matrix": features["key"]}
+    key = version_key(inputs, code_version(context), mcfg.to_dict())
+    path = state.params / f"{dump_date}-{key}.msgpack"
+    if path.exists():
+        context.log.info(f"params for these inputs, code and config exist: reusing {path.name}")
+        fitted = load_params(path)
+        with duckdb.get_connection() as conn, transaction(conn):
+            record_lineage(
+                conn, "fitted_params", dump_date, {"key": key, "path": str(path), **fitted.meta}
+            )
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(key),
+            metadata={
+                **lineage_metadata(dump_date, key, inputs, reused=True),
+                "params_path": dg.MetadataValue.path(str(path)),
+                **_metric_metadata(fitted.meta.get("metrics", {})),
+            },
+        )
     fdir = Path(features["dir"])
     layout = FeatureLayout.read(fdir / "layout.json")
-    mcfg = config.to_model_config()
     matrix = fdir / "matrix.parquet"
     data = ParquetBatches(matrix, layout, mcfg.batch_size, rows="train", shuffle_seed=mcfg.seed)
     result = train(mcfg, layout, data, log=context.log.info)
     held_out = ParquetBatches(matrix, layout, 8192, rows="holdout")
     metrics = evaluate(mcfg, layout, result.params, held_out)
     context.log.info(f"held-out metrics: {metrics}")
-    name = f"{dump_date}-{fdir.name}-code{MODEL_CODE_VERSION}-{mcfg.fingerprint()}.msgpack"
-    path = state.params / name
     meta = {
         "dump_date": dump_date,
-        "features": fdir.name,
-        "code_version": MODEL_CODE_VERSION,
+        "inputs": inputs,
+        "code_version": code_version(context),
         "metrics": metrics,
     }
     save_params(path, Fitted(result.params, mcfg, layout, meta))
     with duckdb.get_connection() as conn, transaction(conn):
-        record_lineage(conn, "fitted_params", dump_date, {"path": str(path), **meta})
+        record_lineage(conn, "fitted_params", dump_date, {"key": key, "path": str(path), **meta})
     curve = [(h["step"], h["loss"]) for h in result.history]
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(key),
         metadata={
-            "dump_date": dump_date,
+            **lineage_metadata(dump_date, key, inputs, reused=False),
             "params_path": dg.MetadataValue.path(str(path)),
             "config": dg.MetadataValue.json(mcfg.to_dict()),
             "training_posts": dg.MetadataValue.int(data.num_rows()),
-            "holdout_posts": dg.MetadataValue.int(int(metrics.get("n", 0))),
-            "holdout_nll": float(metrics.get("nll", float("nan"))),
-            "holdout_nll_constant_baseline": float(
-                metrics.get("baseline_constant_nll", float("nan"))
-            ),
+            **_metric_metadata(metrics),
             "steps": dg.MetadataValue.int(result.steps),
             "train_seconds": round(result.seconds, 2),
             "posts_per_second": round(result.posts_per_second, 1),
             "data_wait_share": round(result.data_wait_seconds / max(result.seconds, 1e-9), 4),
             "loss_curve": dg.MetadataValue.md(line_plot_md(curve, "step", "training NLL")),
             "seconds": round(time.perf_counter() - t0, 2),
-        }
+        },
     )
+
+
+def _metric_metadata(metrics: dict) -> dict:
+    return {
+        "holdout_posts": dg.MetadataValue.int(int(metrics.get("n", 0))),
+        "holdout_nll": float(metrics.get("nll", float("nan"))),
+        "holdout_nll_constant_baseline": float(metrics.get("baseline_constant_nll", float("nan"))),
+    }

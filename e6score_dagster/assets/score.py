@@ -10,11 +10,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster_duckdb import DuckDBResource
 
+from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.model import ParquetBatches, load_params, score_batches
 from e6score_dagster.plots import histogram_md
 from e6score_dagster.resources import StateDir
 from e6score_dagster.schema import POSTS_COLUMNS
-from e6score_dagster.store import read_lineage, record_lineage, table_metadata, transaction
+from e6score_dagster.store import (
+    built_from,
+    code_version,
+    lineage_metadata,
+    read_lineage,
+    record_lineage,
+    reused_result,
+    table_metadata,
+    transaction,
+    version_key,
+)
 
 SCORE_SCHEMA = pa.schema(
     [
@@ -75,6 +86,7 @@ def _write_scores(fitted, matrix: Path, out: Path, log) -> tuple[int, float]:
     kinds={"jax", "duckdb", "csv"},
     code_version="1",
     pool="duckdb",
+    automation_condition=ON_NEW_DATA_VERSION,
     description="`fav_score` for every cleaned post: the model's probability of a favourite "
     "count at or below the observed one, given metadata only (0.5 = as expected). Also "
     "`expected_fav_count` (predictive median) and `fav_zscore`. Table `scored_posts` plus "
@@ -87,9 +99,18 @@ def scored_posts(
     with duckdb.get_connection() as conn:
         dump_date, params_info = read_lineage(conn, "fitted_params")
         _, features = read_lineage(conn, "feature_matrix")
-        posts_date, _ = read_lineage(conn, "cleaned_posts")
-    if posts_date != dump_date:
-        raise dg.Failure(f"params are for {dump_date} but cleaned_posts is from {posts_date}")
+        posts_date, posts = read_lineage(conn, "cleaned_posts")
+        if posts_date != dump_date:
+            raise dg.Failure(f"params are for {dump_date} but cleaned_posts is from {posts_date}")
+        inputs = {
+            "fitted_params": params_info["key"],
+            "feature_matrix": features["key"],
+            "cleaned_posts": posts["key"],
+        }
+        key = version_key(inputs, code_version(context))
+        if built_from(conn, "scored_posts", key):
+            context.log.info("scored_posts is already built from these inputs: reused")
+            return reused_result(conn, dump_date, key, inputs, "scored_posts")
     fitted = load_params(Path(params_info["path"]))
     matrix = Path(features["dir"]) / "matrix.parquet"
     tmp_scores = state.sub("tmp") / f"scores-{os.getpid()}.parquet"
@@ -119,7 +140,12 @@ def scored_posts(
                     conn,
                     "scored_posts",
                     dump_date,
-                    {"params": params_info["path"], "rows": int(n_table), "export": str(export)},
+                    {
+                        "key": key,
+                        "params": params_info["path"],
+                        "rows": int(n_table),
+                        "export": str(export),
+                    },
                 )
             cols = ", ".join(export_column_sql(c) for c in POSTS_COLUMNS)
             conn.execute(
@@ -145,10 +171,14 @@ def scored_posts(
     top_md = "| id | favs | expected | fav_score |\n|---|---|---|---|\n" + "\n".join(
         f"| {i} | {f} | {e} | {s} |" for i, f, e, s in top
     )
+    removed = state.prune_dumps(keep_through=dump_date)
+    if removed:
+        context.log.info(f"removed dumps older than the newest {state.keep_dumps}: {removed}")
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(key),
         metadata={
             **meta,
-            "dump_date": dump_date,
+            **lineage_metadata(dump_date, key, inputs, reused=False),
             "params_path": dg.MetadataValue.path(params_info["path"]),
             "export_path": dg.MetadataValue.path(str(export)),
             "mean_fav_score": float(summary[0]),
@@ -159,5 +189,5 @@ def scored_posts(
                 histogram_md(np.asarray(sample), "fav_score", bins=40)
             ),
             "seconds": round(time.perf_counter() - t0, 2),
-        }
+        },
     )

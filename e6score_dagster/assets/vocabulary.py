@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.csv_read import (
     DumpFormatError,
     check_header,
@@ -13,7 +14,17 @@ from e6score_dagster.csv_read import (
     read_csv_sql,
 )
 from e6score_dagster.schema import TAG_CATEGORIES, TAGS_COLUMNS
-from e6score_dagster.store import read_lineage, record_lineage, table_metadata, transaction
+from e6score_dagster.store import (
+    built_from,
+    code_version,
+    lineage_metadata,
+    read_lineage,
+    record_lineage,
+    reused_result,
+    table_metadata,
+    transaction,
+    version_key,
+)
 
 
 class VocabularyConfig(dg.Config):
@@ -34,6 +45,7 @@ def _category_names_sql() -> str:
     kinds={"duckdb"},
     code_version="1",
     pool="duckdb",
+    automation_condition=ON_NEW_DATA_VERSION,
     description="Every tag used by a current post: category (from the tags export), frequency "
     "and `tag_index`, a dense index (1 = most frequent; 0 is padding). Tags used fewer than "
     "`min_count` times share hashed out-of-vocabulary buckets above the dense range.",
@@ -44,9 +56,14 @@ def tag_vocabulary(
     t0 = time.perf_counter()
     with duckdb.get_connection() as conn:
         dump_date, dump = read_lineage(conn, "raw_dump")
-        posts_date, _ = read_lineage(conn, "cleaned_posts")
+        posts_date, posts = read_lineage(conn, "cleaned_posts")
         if posts_date != dump_date:
             raise dg.Failure(f"cleaned_posts is from {posts_date} but the dump is {dump_date}")
+        inputs = {"raw_dump": dump["key"], "cleaned_posts": posts["key"]}
+        key = version_key(inputs, code_version(context), config.model_dump())
+        if built_from(conn, "tag_vocabulary", key):
+            context.log.info("tag_vocabulary is already built from these inputs: reused")
+            return reused_result(conn, dump_date, key, inputs, "tag_vocabulary")
         tags_path = Path(dump["tags"])
         try:
             header = check_header(tags_path, TAGS_COLUMNS)
@@ -96,7 +113,12 @@ def tag_vocabulary(
                 conn,
                 "tag_vocabulary",
                 dump_date,
-                {"tags": int(stats[0]), "in_vocab": int(stats[1]), "max_index": int(stats[3])},
+                {
+                    "key": key,
+                    "tags": int(stats[0]),
+                    "in_vocab": int(stats[1]),
+                    "max_index": int(stats[3]),
+                },
             )
         by_category = conn.execute(
             "SELECT category_name, count(*) FROM tag_vocabulary GROUP BY 1 ORDER BY 2 DESC"
@@ -109,9 +131,10 @@ def tag_vocabulary(
         f"| {n} | {c} | {f} |" for n, c, f in top
     )
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(key),
         metadata={
             **meta,
-            "dump_date": dump_date,
+            **lineage_metadata(dump_date, key, inputs, reused=False),
             "in_vocabulary": dg.MetadataValue.int(int(stats[1])),
             "out_of_vocabulary": dg.MetadataValue.int(int(stats[0] - stats[1])),
             "tags_missing_from_tags_file": dg.MetadataValue.int(int(stats[2])),
@@ -119,5 +142,5 @@ def tag_vocabulary(
             "by_category": dg.MetadataValue.json({c: int(n) for c, n in by_category}),
             "most_frequent": dg.MetadataValue.md(top_md),
             "seconds": round(time.perf_counter() - t0, 2),
-        }
+        },
     )
