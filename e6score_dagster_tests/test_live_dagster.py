@@ -1,0 +1,176 @@
+"""A real `dagster dev` (webserver + daemon) on 127.0.0.1 driving the pipeline by itself.
+
+Ingestion is triggered over GraphQL exactly as a user's button or script would; everything
+after that (the chain of runs) is the automation sensor's doing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from dagster_graphql import DagsterGraphQLClient
+
+from e6score_dagster_tests.conftest import DUMP_DATE
+
+NEW_DATE = "2026-11-21"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+RUNS_QUERY = """
+{ runsOrError { ... on Runs { results { runId jobName status assetSelection { path } } } } }
+"""
+LATEST_QUERY = """
+query ($path: [String!]!) {
+  assetOrError(assetKey: {path: $path}) {
+    ... on Asset {
+      assetMaterializations(limit: 1) {
+        runId
+        metadataEntries {
+          label
+          ... on TextMetadataEntry { text }
+          ... on BoolMetadataEntry { boolValue }
+        }
+      }
+    }
+  }
+}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveDagster:
+    def __init__(self, tmp: Path, source: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/graphql"
+        (tmp / "dagster_home").mkdir()
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(tmp / "dagster_home"),
+            "E6SCORE_HOME": str(tmp / "home"),
+            "E6SCORE_DUMP_SOURCE": str(source),
+        }
+        self.log = (tmp / "dagster_dev.log").open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dagster", "dev", "-m", "e6score_dagster",
+             "-h", "127.0.0.1", "-p", str(self.port)],
+            cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.client = DagsterGraphQLClient("127.0.0.1", port_number=self.port)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+    def gql(self, query: str, **variables) -> dict:
+        r = requests.post(self.url, json={"query": query, "variables": variables}, timeout=30)
+        r.raise_for_status()
+        body = r.json()
+        assert "errors" not in body, body
+        return body["data"]
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "dagster dev exited early"
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/server_info", timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        raise TimeoutError("dagster dev did not come up")
+
+    def runs(self) -> list[dict]:
+        return self.gql(RUNS_QUERY)["runsOrError"]["results"]
+
+    def latest(self, asset: str) -> dict | None:
+        mats = self.gql(LATEST_QUERY, path=[asset])["assetOrError"].get("assetMaterializations")
+        if not mats:
+            return None
+        m = mats[0]
+        meta = {e["label"]: e.get("text", e.get("boolValue")) for e in m["metadataEntries"]}
+        return {"runId": m["runId"], **meta}
+
+    def trigger_ingestion(self) -> str:
+        return self.client.submit_job_execution(
+            "observe_e621_dump", repository_location_name="e6score_dagster",
+            repository_name="__repository__",
+        )
+
+    def wait_for(self, predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            failed = [r for r in self.runs() if r["status"] == "FAILURE"]
+            assert not failed, f"a run failed while waiting for {what}: {failed}"
+            time.sleep(2)
+        raise TimeoutError(f"timed out waiting for {what}; runs: {self.runs()}")
+
+
+def _copy_dump(src: Path, dst: Path, date: str) -> None:
+    for kind in ("posts", "tags"):
+        shutil.copy(src / f"{kind}-{DUMP_DATE}.csv.gz", dst / f"{kind}-{date}.csv.gz")
+
+
+@pytest.mark.slow
+def test_dagster_dev_follows_new_dumps_and_ignores_unchanged_ones(tmp_path, generated_dump):
+    source = tmp_path / "src"
+    source.mkdir()
+    _copy_dump(generated_dump, source, DUMP_DATE)
+    live = LiveDagster(tmp_path, source)
+    try:
+        live.wait_ready()
+        time.sleep(5)  # let the automation sensor take its first look before anything exists
+        live.trigger_ingestion()
+        first = live.wait_for(
+            lambda: (m := live.latest("scored_posts")) and m["dump_date"] == DUMP_DATE and m,
+            timeout=300, what="scored_posts of the first dump",
+        )
+        params_1 = live.latest("fitted_params")
+        assert params_1["dump_date"] == DUMP_DATE and params_1["reused"] is False
+
+        _copy_dump(generated_dump, source, NEW_DATE)
+        live.trigger_ingestion()
+        second = live.wait_for(
+            lambda: (m := live.latest("scored_posts")) and m["dump_date"] == NEW_DATE and m,
+            timeout=300, what="scored_posts of the new dump",
+        )
+        params_2 = live.latest("fitted_params")
+        assert params_2["dump_date"] == NEW_DATE and params_2["reused"] is False
+        assert params_2["runId"] != params_1["runId"]
+        assert second["runId"] == params_2["runId"] != first["runId"]
+
+        # No new dump: the observation runs, and nothing else is launched.
+        before = {r["runId"] for r in live.runs()}
+        observe_run = live.trigger_ingestion()
+        live.wait_for(lambda: any(r["runId"] == observe_run and r["status"] == "SUCCESS"
+                                  for r in live.runs()), timeout=120, what="the observation")
+        time.sleep(75)  # more than two automation sensor ticks (30 s apart)
+        new_runs = [r for r in live.runs() if r["runId"] not in before]
+        assert [r["jobName"] for r in new_runs] == ["observe_e621_dump"], new_runs
+        assert live.latest("fitted_params")["runId"] == params_2["runId"]
+    finally:
+        live.stop()
+        assert live.proc.poll() is not None
