@@ -3,24 +3,52 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from e6score_dagster.resources import QualityGates
 from e6score_dagster.store import read_lineage
-
-MAX_REJECTED_SHARE = 0.01
 
 
 @dg.asset_check(
     asset="cleaned_posts",
     blocking=True,
-    description=f"At most {MAX_REJECTED_SHARE:.0%} of the dump's rows are rejected; more means "
-    "the export format changed or the file is damaged, so nothing downstream should use it.",
+    description="At most `max_rejected_share` (env E6SCORE_MAX_REJECTED_SHARE, default 1%) of the "
+    "dump's rows are rejected; more means the export format changed or the file is damaged, "
+    "so nothing downstream should use it.",
 )
-def rejected_share_within_limit(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+def rejected_share_within_limit(duckdb: DuckDBResource, gates: QualityGates) -> dg.AssetCheckResult:
     with duckdb.get_connection() as conn:
         _, info = read_lineage(conn, "cleaned_posts")
     share = info["rejected"] / max(info["dump_rows"], 1)
     return dg.AssetCheckResult(
-        passed=share <= MAX_REJECTED_SHARE,
-        metadata={"rejected_share": share, "rejected_rows": info["rejected"]},
+        passed=share <= gates.max_rejected_share,
+        metadata={
+            "rejected_share": share,
+            "rejected_rows": info["rejected"],
+            "limit": gates.max_rejected_share,
+        },
+    )
+
+
+@dg.asset_check(
+    asset="cleaned_posts",
+    blocking=True,
+    description="The post count did not drop by more than `max_post_count_drop` (env "
+    "E6SCORE_MAX_POST_COUNT_DROP, default 20%) against the previous dump: a dump cut short "
+    "upstream must not replace good scores.",
+)
+def post_count_not_collapsed(duckdb: DuckDBResource, gates: QualityGates) -> dg.AssetCheckResult:
+    with duckdb.get_connection() as conn:
+        _, info = read_lineage(conn, "cleaned_posts")
+    previous = info.get("previous_rows")
+    drop = 1 - info["rows"] / previous if previous else 0.0
+    return dg.AssetCheckResult(
+        passed=drop <= gates.max_post_count_drop,
+        metadata={
+            "rows": info["rows"],
+            "previous_rows": previous or 0,
+            "previous_dump_date": info.get("previous_dump_date") or "",
+            "drop": drop,
+            "limit": gates.max_post_count_drop,
+        },
     )
 
 

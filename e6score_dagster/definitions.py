@@ -16,6 +16,7 @@ from e6score_dagster.resources import make_resources
 PIPELINE = [raw_dump, cleaned_posts, tag_vocabulary, feature_matrix, fitted_params, scored_posts]
 CHECKS = [
     checks.rejected_share_within_limit,
+    checks.post_count_not_collapsed,
     checks.beats_constant_baseline,
     checks.every_post_scored,
 ]

@@ -4,6 +4,12 @@ Pure I/O with no Dagster imports, so it can be tested against a plain HTTP serve
 by a resource elsewhere. Every byte that reaches its final name has been gzip-verified (CRC,
 length, complete stream) and hashed; a sidecar ``NAME.ok`` records that, so a later fetch of the
 same dump can skip files it already holds without re-reading several GB.
+
+Downloads survive a flaky network: a transient failure (connection error or cut, read timeout,
+HTTP 5xx or 429) is retried with exponential backoff, resuming with ``Range: bytes=N-`` where
+the server allows it; the hash and the gzip check carry on across the resume, so the result is
+checked exactly as if it had arrived in one piece. ``fetch_newest`` falls back to an earlier
+dump when the newest one cannot be fetched.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -50,6 +56,7 @@ MAX_INFLATE_BYTES = 8 << 20
 _ISO_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _ABSENT_STATUSES = frozenset({404, 410})
+_CONTENT_RANGE_RE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)")
 
 Progress = Callable[[str], None]
 
@@ -60,6 +67,14 @@ class DumpSourceError(RuntimeError):
 
 class _Invalid(Exception):
     """Internal: a verification or protocol failure, wrapped into DumpSourceError with context."""
+
+
+class _Transient(Exception):
+    """Internal: a failure worth retrying (server overloaded, transfer cut short)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -189,7 +204,7 @@ class _Meter:
 
     def __init__(self, label: str, total: int | None, sink: Progress,
                  interval_s: float = PROGRESS_INTERVAL_S) -> None:
-        self._label, self._total, self._sink, self._interval_s = label, total, sink, interval_s
+        self._label, self.total, self._sink, self._interval_s = label, total, sink, interval_s
         self._start = self._last = time.monotonic()
 
     def _rate(self, done: int, now: float) -> float:
@@ -201,20 +216,14 @@ class _Meter:
             return
         self._last = now
         of = ""
-        if self._total:
-            of = f" of {self._total / 1e6:.1f} MB ({100 * done / self._total:.0f}%)"
+        if self.total:
+            of = f" of {self.total / 1e6:.1f} MB ({100 * done / self.total:.0f}%)"
         self._sink(f"{self._label}: {done / 1e6:.1f} MB{of}, {self._rate(done, now):.1f} MB/s")
 
     def done(self, done: int) -> None:
         now = time.monotonic()
         self._sink(f"{self._label}: done, {done / 1e6:.1f} MB in {now - self._start:.1f} s "
                    f"({self._rate(done, now):.1f} MB/s), gzip verified")
-
-
-@dataclass
-class _Body:
-    chunks: Iterable[bytes]
-    size: int | None
 
 
 def _sidecar(path: Path) -> Path:
@@ -273,27 +282,53 @@ def _dir_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _write_verified(body: _Body, part: Path, meter: _Meter) -> tuple[int, str]:
-    """Stream ``body`` into ``part``, hashing and gzip-verifying on the way; (size, sha256)."""
-    sha, gz, done = hashlib.sha256(), _GzipVerifier(), 0
-    with open(part, "wb") as fh:
-        for chunk in body.chunks:
-            if not chunk:
-                continue
-            fh.write(chunk)
-            sha.update(chunk)
-            gz.feed(chunk)
-            done += len(chunk)
-            if body.size is not None and done > body.size:
-                raise _Invalid(f"received more than the announced {body.size} bytes")
-            meter.update(done)
-        if body.size is not None and done != body.size:
-            raise _Invalid(f"received {done} of {body.size} bytes (connection cut short?)")
-        gz.finish()
-        fh.flush()
-        os.fsync(fh.fileno())
-    meter.done(done)
-    return done, sha.hexdigest()
+class _PartWriter:
+    """``.NAME.part`` with the running sha256 and gzip check of exactly the bytes written to it.
+
+    Opened with "wb": a ``.part`` left behind by a killed process is discarded, never trusted.
+    Appending after a resume continues the same hash and inflater, so a resumed download is
+    verified exactly like one that arrived in one piece.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed by finish() or close()
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to an empty file, for a download that has to start again from byte 0."""
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._sha = hashlib.sha256()
+        self._gz = _GzipVerifier()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._fh.write(chunk)
+        self._sha.update(chunk)
+        self._gz.feed(chunk)
+        self.size += len(chunk)
+
+    def finish(self) -> str:
+        """Check the gzip stream is complete, make the bytes durable; the sha256 (hex)."""
+        self._gz.finish()
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+@dataclass
+class _Transfer:
+    """What one HTTP download knows across its attempts."""
+
+    writer: _PartWriter | None = None
+    meter: _Meter | None = None
+    total: int | None = None  # the whole file's size, as announced
+    validator: str | None = None  # strong ETag or Last-Modified, for If-Range
 
 
 def _same_host(src: str, dst: str) -> bool:
@@ -316,20 +351,75 @@ def _content_length(resp: requests.Response) -> int | None:
 
 
 _TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)
+# Worth another try: the network or the server may do better in a moment. Mid-stream TLS errors
+# (urllib3's SSLError) are usually a cut connection; requests' SSLError at connect time is a
+# certificate or handshake problem and is not retried.
+_RETRYABLE_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.TimeoutError,
+    urllib3.exceptions.SSLError,
+)
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, _Transient):
+        return True
+    if isinstance(exc, requests.exceptions.SSLError):
+        return False
+    return isinstance(exc, _RETRYABLE_ERRORS)
+
+
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)):
+        return f"timed out: the server sent nothing for {timeout_s:g} s"
+    if isinstance(exc, (urllib3.exceptions.ProtocolError,
+                        requests.exceptions.ChunkedEncodingError)):
+        return f"connection broken ({exc})"
+    return str(exc)
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    """Retry-After in seconds, where given as seconds (the HTTP-date form is ignored)."""
+    value = resp.headers.get("Retry-After", "").strip()
+    return float(value) if value.isdigit() else None
+
+
+def _validator(resp: requests.Response) -> str | None:
+    """What If-Range can use to make sure a resume continues the same file, if anything."""
+    etag = resp.headers.get("ETag", "").strip()
+    if etag and not etag.startswith("W/"):  # If-Range needs a strong validator
+        return etag
+    return resp.headers.get("Last-Modified", "").strip() or None
 
 
 class DumpSource:
     """An e621 ``db_export`` location: an http(s) base URL or a local directory."""
 
     def __init__(self, location: str, *, timeout_s: float = 60.0, probe_days: int = 7,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, retries: int = 5, backoff_s: float = 1.0,
+                 max_backoff_s: float = 30.0) -> None:
+        """``timeout_s`` bounds each wait for data (connect, headers, every read), not a whole
+        transfer, so a slow but live server is fine and a stalled one fails and is retried.
+
+        A download is retried after a transient failure up to ``retries`` times in a row without
+        new bytes arriving (an attempt that gets further than any before starts the count
+        afresh), waiting ``backoff_s``, doubling each time, at most ``max_backoff_s``.
+        """
         if not isinstance(location, str) or not location.strip():
             raise DumpSourceError("dump source location is empty")
         if timeout_s <= 0 or probe_days < 0:
             raise DumpSourceError("timeout_s must be > 0 and probe_days >= 0")
+        if retries < 0 or backoff_s < 0 or max_backoff_s < 0:
+            raise DumpSourceError("retries, backoff_s and max_backoff_s must be >= 0")
         self.location = location.strip()
         self.timeout_s = float(timeout_s)
         self.probe_days = int(probe_days)
+        self.retries = int(retries)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
         self._progress: Progress = progress or log.info
         self._base_url: str | None = None
         self._dir: Path | None = None
@@ -354,6 +444,10 @@ class DumpSource:
 
     def newest_date(self) -> str:
         """The newest date with both posts and tags: by contract, "the current dump"."""
+        return self._complete_dates()[0]
+
+    def _complete_dates(self) -> list[str]:
+        """Dates with both posts and tags, newest first; raises if there are none."""
         dates = self.available_dates()
         common = dates["posts"] & dates["tags"]
         if not common:
@@ -361,7 +455,7 @@ class DumpSource:
                 f"no dump at {self.location} has both a posts and a tags file "
                 f"(posts dates: {sorted(dates['posts'])[-5:]}, "
                 f"tags dates: {sorted(dates['tags'])[-5:]})")
-        return max(common)
+        return sorted(common, reverse=True)
 
     def fingerprint(self, date: str) -> str:
         """What identifies one dump's files without downloading them: the date plus, per file,
@@ -449,6 +543,37 @@ class DumpSource:
 
     # ---- fetching ------------------------------------------------------------------------
 
+    def fetch_newest(self, dest_root: Path, max_fallback: int = 3) -> DumpFiles:
+        """Fetch the newest dump with posts and tags; if it cannot be fetched (after retries),
+        fall back to the next earlier one, at most ``max_fallback`` times.
+
+        Raises DumpSourceError naming every date tried and why it failed if none works.
+        """
+        if max_fallback < 0:
+            raise DumpSourceError("max_fallback must be >= 0")
+        dates = self._complete_dates()
+        candidates = dates[: max_fallback + 1]
+        failures: list[str] = []
+        for i, date in enumerate(candidates):
+            try:
+                files = self.fetch(date, dest_root)
+            except DumpSourceError as exc:
+                failures.append(f"{date}: {exc}")
+                nxt = (f"falling back to {candidates[i + 1]}" if i + 1 < len(candidates)
+                       else "no earlier dump left to try")
+                self._progress(f"dump {date} unusable, {nxt}: {exc}")
+                continue
+            if failures:
+                self._progress(f"using dump {date}; newer dump(s) failed: "
+                               + ", ".join(f.split(":", 1)[0] for f in failures))
+            return files
+        skipped = len(dates) - len(candidates)
+        more = (f" ({skipped} older dump(s) not tried: max_fallback={max_fallback})"
+                if skipped else "")
+        raise DumpSourceError(
+            f"no usable dump at {self.location}; tried {len(failures)}{more}:\n"
+            + "\n".join(f"  {f}" for f in failures))
+
     def fetch(self, date: str, dest_root: Path) -> DumpFiles:
         """Verified local copies of one dump under ``dest_root/DATE/``, skipping intact files."""
         date = validate_date(date)
@@ -471,52 +596,175 @@ class DumpSource:
             return final
         where = f"{self._base_url}{name}" if self._base_url else str(self._dir / name)
         try:
-            with self._open(name) as body:
-                if body is None:
-                    if kind in REQUIRED_KINDS:
-                        raise _Invalid("not found at the source")
-                    return None
-                record = self._download(body, final, where)
+            if self._dir is not None:
+                record = self._copy_local(self._dir / name, final, where)
+            else:
+                record = self._download(self._base_url + name, final, where)
+            if record is None:
+                if kind in REQUIRED_KINDS:
+                    raise _Invalid("not found at the source")
+                return None
             _write_sidecar(final, record)
-        except (*_TRANSPORT_ERRORS, _Invalid, OSError) as exc:
+        except (*_TRANSPORT_ERRORS, _Invalid, _Transient, OSError) as exc:
             raise DumpSourceError(
                 f"cannot fetch {kind} for dump {date} ({where}): {exc}") from exc
         return final
 
-    def _download(self, body: _Body, final: Path, where: str) -> dict[str, object]:
-        """Verify into ``.NAME.part`` and promote it; the part file never outlives a failure."""
+    @staticmethod
+    @contextlib.contextmanager
+    def _part(final: Path) -> Iterator[_PartWriter]:
+        """A fresh ``.NAME.part`` next to ``final``; it never outlives the block."""
         _sidecar(final).unlink(missing_ok=True)  # a stale record must not vouch for new bytes
         part = final.with_name(f".{final.name}.part")
+        writer = _PartWriter(part)
         try:
-            size, sha256 = _write_verified(body, part, _Meter(final.name, body.size,
-                                                               self._progress))
-            os.replace(part, final)
+            yield writer
         finally:
+            writer.close()
             part.unlink(missing_ok=True)
+
+    @staticmethod
+    def _promote(writer: _PartWriter, final: Path, meter: _Meter,
+                 where: str) -> dict[str, object]:
+        """Finish the gzip check and move the part file to its final name; the .ok record."""
+        sha256 = writer.finish()
+        os.replace(writer.path, final)
         _fsync_dir(final.parent)
-        return {"name": final.name, "size": size, "sha256": sha256, "source": where,
+        meter.done(writer.size)
+        return {"name": final.name, "size": writer.size, "sha256": sha256, "source": where,
                 "verified_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
-    @contextlib.contextmanager
-    def _open(self, name: str) -> Iterator[_Body | None]:
-        """The source's bytes for ``name`` (with the size when known), or None if absent."""
-        if self._dir is not None:
-            src = self._dir / name
-            if not src.is_file():
-                yield None
-                return
-            with open(src, "rb") as fh:
-                yield _Body(iter(lambda: fh.read(CHUNK_BYTES), b""), os.fstat(fh.fileno()).st_size)
-            return
-        assert self._base_url is not None
-        with contextlib.closing(self._request("GET", self._base_url + name, stream=True)) as resp:
-            if resp.status_code in _ABSENT_STATUSES:
-                yield None
-                return
-            if resp.status_code != 200:
-                raise _Invalid(f"HTTP {resp.status_code} {resp.reason}")
+    def _copy_local(self, src: Path, final: Path, where: str) -> dict[str, object] | None:
+        if not src.is_file():
+            return None
+        with open(src, "rb") as fh, self._part(final) as writer:
+            size = os.fstat(fh.fileno()).st_size
+            meter = _Meter(final.name, size, self._progress)
+            for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
+                writer.write(chunk)
+                meter.update(writer.size)
+            if writer.size != size:
+                raise _Invalid(f"read {writer.size} of {size} bytes (file changed while copying?)")
+            return self._promote(writer, final, meter, where)
+
+    def _download(self, url: str, final: Path, where: str) -> dict[str, object] | None:
+        """Download ``url`` into ``final`` via its part file, retrying and resuming transient
+        failures; None if the server says the file does not exist."""
+        state = _Transfer()
+        failures = attempts = best = 0
+        with contextlib.ExitStack() as stack:
+            while True:
+                attempts += 1
+                try:
+                    if not self._attempt(url, final, state, stack):
+                        return None
+                    break
+                except (*_TRANSPORT_ERRORS, _Transient) as exc:
+                    if not _retryable(exc):
+                        raise
+                    why = _describe(exc, self.timeout_s)
+                    got = state.writer.size if state.writer is not None else 0
+                    if got > best:  # this attempt got further than any before: count afresh
+                        best, failures = got, 0
+                    failures += 1
+                    if failures > self.retries:
+                        raise _Transient(f"{why} (gave up after {attempts} attempt(s), "
+                                         f"{self.retries} retries without progress)") from exc
+                    delay = min(self.backoff_s * 2 ** (failures - 1), self.max_backoff_s)
+                    if isinstance(exc, _Transient) and exc.retry_after_s is not None:
+                        delay = min(max(delay, exc.retry_after_s), self.max_backoff_s)
+                    resume = f", resuming at byte {got}" if got else ""
+                    self._progress(f"{final.name}: {why}; retry {failures} of {self.retries} "
+                                   f"in {delay:.2g} s{resume}")
+                    time.sleep(delay)
+            assert state.writer is not None and state.meter is not None
+            return self._promote(state.writer, final, state.meter, where)
+
+    def _attempt(self, url: str, final: Path, state: _Transfer,
+                 stack: contextlib.ExitStack) -> bool:
+        """One GET, appending to the part file; False if the file is absent at the source.
+
+        Raises _Transient (or a transport error) for what a retry may fix, _Invalid otherwise.
+        """
+        offset = state.writer.size if state.writer is not None else 0
+        headers = {}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if state.validator:
+                headers["If-Range"] = state.validator
+        with contextlib.closing(self._request("GET", url, stream=True, headers=headers)) as resp:
+            status = resp.status_code
+            if status in _ABSENT_STATUSES and state.writer is None:
+                return False
+            if status == 429 or status >= 500:
+                raise _Transient(f"HTTP {status} {resp.reason}", _retry_after(resp))
+            if status == 206 and offset:
+                assert state.writer is not None
+                self._check_resume(resp, offset, state)
+            elif status == 200:
+                if state.writer is None:
+                    state.writer = stack.enter_context(self._part(final))
+                elif offset:
+                    self._progress(f"{final.name}: the server sent the whole file instead of "
+                                   f"resuming at byte {offset}; starting again from byte 0")
+                    state.writer.reset()
+                state.total = _content_length(resp)
+                state.validator = _validator(resp)
+                if state.meter is None:
+                    state.meter = _Meter(final.name, state.total, self._progress)
+                state.meter.total = state.total
+            elif status == 416 and offset:
+                assert state.writer is not None
+                state.writer.reset()
+                raise _Transient(f"the server cannot resume at byte {offset} (HTTP 416; has the "
+                                 f"file changed?), starting again from byte 0")
+            else:
+                raise _Invalid(f"HTTP {status} {resp.reason}")
+            writer, meter = state.writer, state.meter
+            assert writer is not None and meter is not None
             # Raw bytes: a server that adds Content-Encoding: gzip must not get them inflated.
-            yield _Body(resp.raw.stream(CHUNK_BYTES, decode_content=False), _content_length(resp))
+            for chunk in resp.raw.stream(CHUNK_BYTES, decode_content=False):
+                if not chunk:
+                    continue
+                writer.write(chunk)
+                if state.total is not None and writer.size > state.total:
+                    raise _Invalid(f"received more than the announced {state.total} bytes")
+                meter.update(writer.size)
+        if state.total is not None and writer.size != state.total:
+            raise _Transient(f"received {writer.size} of {state.total} bytes "
+                             f"(connection cut short)")
+        return True
+
+    def _check_resume(self, resp: requests.Response, offset: int, state: _Transfer) -> None:
+        """Accept a 206 only if it continues the same file exactly at ``offset``; otherwise
+        discard what was written and have the next attempt start from byte 0."""
+        assert state.writer is not None
+        match = _CONTENT_RANGE_RE.fullmatch(resp.headers.get("Content-Range", "").strip())
+        problem = None
+        if match is None:
+            problem = f"has no valid Content-Range ({resp.headers.get('Content-Range')!r})"
+        else:
+            first, last = int(match[1]), int(match[2])
+            complete = None if match[3] == "*" else int(match[3])
+            length = _content_length(resp)
+            etag = resp.headers.get("ETag", "").strip()
+            if first != offset or last < first:
+                problem = f"covers bytes {first}-{last}, not {offset}-"
+            elif state.total is not None and complete != state.total:
+                problem = f"is of a file of {match[3]} bytes, not {state.total}"
+            elif length is not None and length != last - first + 1:
+                problem = f"announces {length} bytes for bytes {first}-{last}"
+            elif (etag and state.validator and state.validator.startswith('"')
+                  and etag != state.validator):
+                problem = f"is of another version of the file (ETag {etag})"
+            elif state.total is None:
+                state.total = complete
+                assert state.meter is not None
+                state.meter.total = complete
+        if problem is not None:
+            state.writer.reset()
+            raise _Transient(f"cannot resume at byte {offset}: the partial response {problem}; "
+                             f"starting again from byte 0")
 
     # ---- HTTP ----------------------------------------------------------------------------
 
@@ -527,11 +775,12 @@ class DumpSource:
                                           "Accept-Encoding": "identity"})
         return self._session
 
-    def _request(self, method: str, url: str, *, stream: bool = False) -> requests.Response:
+    def _request(self, method: str, url: str, *, stream: bool = False,
+                 headers: dict[str, str] | None = None) -> requests.Response:
         """One request, following at most MAX_REDIRECTS redirects and only to the same host."""
         for _ in range(MAX_REDIRECTS + 1):
             resp = self._http().request(method, url, stream=stream, timeout=self.timeout_s,
-                                        allow_redirects=False)
+                                        allow_redirects=False, headers=headers)
             if resp.status_code not in _REDIRECT_STATUSES or "location" not in resp.headers:
                 return resp
             target = urljoin(url, resp.headers["location"])

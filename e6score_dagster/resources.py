@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import re
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -97,11 +102,50 @@ class DumpSourceResource(dg.ConfigurableResource):
         )
 
 
+class LockedDuckDBResource(DuckDBResource):
+    """DuckDB, one process at a time: a file lock next to the database.
+
+    DuckDB lets only one process open a file for writing, and the stock resource gives up after
+    ~100 s of retries, while one of our steps may hold the database for minutes. Two runs
+    started at once (CLI and UI, or two schedules) therefore queue here instead of failing,
+    whatever the Dagster instance's pool limits are.
+    """
+
+    @contextmanager
+    def get_connection(self) -> Iterator:
+        lock_path = Path(self.database).with_name(Path(self.database).name + ".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with lock_path.open("a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                t0 = time.monotonic()
+                logging.getLogger("e6score").warning(
+                    "another run is using %s; waiting for it", self.database
+                )
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                logging.getLogger("e6score").warning(
+                    "got %s after %.0f s", self.database, time.monotonic() - t0
+                )
+            try:
+                with super().get_connection() as conn:
+                    yield conn
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class QualityGates(dg.ConfigurableResource):
+    """Thresholds of the blocking checks that stop a bad dump before it reaches the scores."""
+
+    max_rejected_share: float = 0.01
+    max_post_count_drop: float = 0.2
+
+
 def duckdb_resource(home: Path, memory_limit: str = "3GB") -> DuckDBResource:
     """Bounded memory and a spill folder, so DuckDB stays out of core on full-size dumps."""
     tmp = home / "tmp" / "duckdb"
     tmp.mkdir(parents=True, exist_ok=True)
-    return DuckDBResource(
+    return LockedDuckDBResource(
         database=str(home / DB_FILE),
         connection_config={
             "memory_limit": memory_limit,
@@ -120,4 +164,8 @@ def make_resources(home: Path | None = None, source: str | None = None) -> dict:
         "state": StateDir(home=str(home), keep_dumps=keep),
         "dump_source": DumpSourceResource(location=source or default_source()),
         "duckdb": duckdb_resource(home),
+        "gates": QualityGates(
+            max_rejected_share=float(os.environ.get("E6SCORE_MAX_REJECTED_SHARE", "0.01")),
+            max_post_count_drop=float(os.environ.get("E6SCORE_MAX_POST_COUNT_DROP", "0.2")),
+        ),
     }

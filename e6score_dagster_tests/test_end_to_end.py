@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from e6score_dagster.definitions import CHECKS
 from e6score_dagster.model import load_params
 from e6score_dagster.schema import POSTS_COLUMNS
 from e6score_dagster_tests.conftest import DUMP_DATE, materialize
@@ -81,7 +82,7 @@ def test_materialisations_carry_metadata_and_checks_pass(pipeline):
     assert [c.name for c in scored_meta["dagster/column_schema"].schema.columns][:5] == [
         "id", "fav_count", "expected_fav_count", "fav_score", "fav_zscore"]
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 3 and all(e.passed for e in evaluations)
+    assert len(evaluations) == len(CHECKS) == 4 and all(e.passed for e in evaluations)
 
 
 def test_params_file_is_keyed_and_loadable(pipeline):

@@ -15,6 +15,7 @@ from e6score_dagster.csv_read import (
 )
 from e6score_dagster.schema import POSTS_COLUMNS
 from e6score_dagster.store import (
+    MissingUpstreamError,
     built_from,
     code_version,
     lineage_metadata,
@@ -116,6 +117,7 @@ def cleaned_posts(
         if built_from(conn, "cleaned_posts", key):
             context.log.info("cleaned_posts is already built from this dump and code: reused")
             return reused_result(conn, dump_date, key, inputs, "cleaned_posts")
+        previous = _previous_dump(conn, dump_date)
         posts = Path(dump["posts"])
         try:
             header = check_header(posts, POSTS_COLUMNS)
@@ -177,6 +179,7 @@ def cleaned_posts(
                 dump_date,
                 {
                     "key": key,
+                    **previous,
                     "rows": n_clean,
                     "rejected": n_rejected,
                     "dump_rows": n_clean + n_rejected,
@@ -205,3 +208,14 @@ def cleaned_posts(
             "seconds": round(time.perf_counter() - t0, 2),
         },
     )
+
+
+def _previous_dump(conn, dump_date: str) -> dict:
+    """The post count of the last dump cleaned before this one, for the count-drop check."""
+    try:
+        date, info = read_lineage(conn, "cleaned_posts")
+    except MissingUpstreamError:
+        return {}
+    if date == dump_date:  # a rebuild of the same dump compares with the same predecessor
+        return {k: info[k] for k in ("previous_rows", "previous_dump_date") if k in info}
+    return {"previous_rows": info["rows"], "previous_dump_date": date}

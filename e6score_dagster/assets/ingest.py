@@ -55,9 +55,9 @@ def raw_dump(
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     source = dump_source.client(progress=context.log.info)
-    date = source.newest_date()
-    context.log.info(f"current dump: {date} at {dump_source.location}")
-    files = source.fetch(date, state.dumps)
+    files = source.fetch_newest(state.dumps)  # falls back to an earlier dump if need be
+    date = files.date
+    context.log.info(f"using dump {date} from {dump_source.location}")
     version = content_hash(files)
     key = version[:16]
     info = {

@@ -1,0 +1,215 @@
+"""Faults an unattended daily job meets: bad dumps, kills mid-step, concurrent runs, extremes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from e6score_dagster.definitions import CHECKS, PIPELINE
+from e6score_dagster.model import load_params
+from e6score_dagster.resources import QualityGates, make_resources
+from e6score_dagster.schema import POSTS_COLUMNS
+from e6score_dagster.synthetic import generate_dump
+from e6score_dagster_tests.conftest import DUMP_DATE, FAST_TRAINING, run_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+D2 = "2026-11-21"
+QUICK_BIG = {**FAST_TRAINING, "epochs": 1, "batch_size": 2048}  # a short fit on 100k posts
+
+
+def _posts(folder: Path, date: str = DUMP_DATE) -> pd.DataFrame:
+    return pd.read_csv(folder / f"posts-{date}.csv.gz", dtype=str, keep_default_na=False)
+
+
+def _write_posts(df: pd.DataFrame, folder: Path, date: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / f"posts-{date}.csv.gz", "wt", encoding="utf-8", newline="") as f:
+        df[list(POSTS_COLUMNS)].to_csv(f, index=False, lineterminator="\n")
+
+
+def _copy_tags(src: Path, dst: Path, date: str) -> None:
+    (dst / f"tags-{date}.csv.gz").write_bytes((src / f"tags-{DUMP_DATE}.csv.gz").read_bytes())
+
+
+def _run(home: Path, source: Path, gates: QualityGates | None = None):
+    resources = make_resources(home, str(source))
+    if gates is not None:
+        resources["gates"] = gates
+    return dg.materialize([*PIPELINE, *CHECKS], resources=resources, run_config=run_config(),
+                          raise_on_error=False)
+
+
+def _state(home: Path) -> dict:
+    with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
+        lineage = {a: (str(d), json.loads(i)) for a, d, i in conn.execute(
+            "SELECT asset, dump_date, info FROM e6score_lineage").fetchall()}
+        return {
+            "scored": conn.execute("SELECT count(*), min(strftime(dump_date, '%Y-%m-%d')) "
+                                   "FROM scored_posts").fetchone(),
+            "cleaned": conn.execute("SELECT count(*) FROM cleaned_posts").fetchone()[0],
+            "lineage": lineage,
+        }
+
+
+def test_rejected_share_over_the_limit_stops_the_chain(tmp_path, generated_dump):
+    df = _posts(generated_dump)
+    df.loc[: len(df) // 20, "fav_count"] = "-1"  # 5% unrepairable rows
+    src = tmp_path / "src"
+    _write_posts(df, src, DUMP_DATE)
+    _copy_tags(generated_dump, src, DUMP_DATE)
+    result = _run(tmp_path / "home", src)
+    assert not result.success
+    check = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert check["rejected_share_within_limit"].passed is False
+    assert not result.asset_materializations_for_node("tag_vocabulary")  # nothing downstream
+    # The same dump passes with a looser, configured threshold.
+    loose = _run(tmp_path / "home2", src, QualityGates(max_rejected_share=0.1))
+    assert loose.success
+
+
+def test_post_count_collapse_keeps_the_previous_scores(tmp_path, generated_dump):
+    src = tmp_path / "src"
+    df = _posts(generated_dump)
+    _write_posts(df, src, DUMP_DATE)
+    _copy_tags(generated_dump, src, DUMP_DATE)
+    home = tmp_path / "home"
+    assert _run(home, src).success
+    _write_posts(df.iloc[: len(df) // 2], src, D2)  # tomorrow's dump lost half its posts
+    _copy_tags(generated_dump, src, D2)
+    result = _run(home, src)
+    assert not result.success
+    check = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert check["post_count_not_collapsed"].passed is False
+    assert check["post_count_not_collapsed"].metadata["previous_rows"].value == len(df)
+    state = _state(home)
+    assert state["scored"] == (len(df), DUMP_DATE)  # the last good scores are still in use
+
+
+def test_extreme_values_do_not_break_training_or_scoring(tmp_path, generated_dump):
+    df = _posts(generated_dump)
+    df.loc[0, "fav_count"] = "1000000"
+    df.loc[1, "created_at"] = "2099-12-31 23:59:59.999999"
+    df.loc[2, "image_width"], df.loc[2, "image_height"] = "100000000", "1"
+    df.loc[3, "file_size"], df.loc[3, "duration"] = "999999999999", "1e9"
+    src = tmp_path / "src"
+    _write_posts(df, src, DUMP_DATE)
+    _copy_tags(generated_dump, src, DUMP_DATE)
+    home = tmp_path / "home"
+    assert _run(home, src).success
+    with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
+        rows = conn.execute(
+            "SELECT id, fav_score, fav_zscore, expected_fav_count FROM scored_posts "
+            "WHERE id IN (SELECT unnest(?))", [[int(i) for i in df["id"][:4]]]).fetchall()
+    assert len(rows) == 4
+    assert all(0 <= r[1] <= 1 and np.isfinite(r[2]) and np.isfinite(r[3]) for r in rows)
+    million = next(r for r in rows if r[0] == int(df["id"][0]))
+    assert million[1] > 0.99
+
+
+def _cli(home: Path, source: Path, training: dict) -> subprocess.Popen:
+    env = {**os.environ, "E6SCORE_HOME": str(home), "E6SCORE_DUMP_SOURCE": str(source),
+           "PYTHONUNBUFFERED": "1"}
+    config = json.dumps({"ops": {"fitted_params": {"config": training}}})
+    return subprocess.Popen(
+        [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "e6score_dagster",
+         "--select", "*", "--config-json", config],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+
+
+def test_two_runs_at_once_do_not_collide(tmp_path, generated_dump):
+    home = tmp_path / "home"
+    runs = [_cli(home, generated_dump, FAST_TRAINING) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert not any("lock" in o.lower() and "error" in o.lower() for o in outputs)
+    state = _state(home)
+    assert state["scored"] == (3000, DUMP_DATE) and state["cleaned"] == 3000
+    assert len(list((home / "params").glob("*.msgpack"))) == 1  # trained once, reused once
+
+
+@pytest.fixture(scope="module")
+def big_dump(tmp_path_factory) -> Path:
+    """A day-two dump big enough to be killed in the middle of a step."""
+    day2 = tmp_path_factory.mktemp("day2")
+    generate_dump(day2, posts=100_000, date=D2, seed=3)
+    return day2
+
+
+def _kill_during(proc: subprocess.Popen, step: str, marker: str, delay: float) -> str:
+    """Read the run's log until `marker` appears inside `step`, then SIGKILL the whole run."""
+    seen: list[str] = []
+    started = False
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        seen.append(line)
+        if f'Started execution of step "{step}"' in line:
+            started = True
+        if started and marker in line:
+            time.sleep(delay)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            log = "".join(seen)
+            assert f'Finished execution of step "{step}"' not in log
+            return log
+        assert time.monotonic() < deadline
+    raise AssertionError("run ended before the kill point:\n" + "".join(seen[-40:]))
+
+
+@pytest.mark.parametrize(
+    ("step", "marker", "delay", "training"),
+    [
+        ("cleaned_posts", "reading posts of", 1.0, QUICK_BIG),
+        ("fitted_params", "step ", 0.0, {**QUICK_BIG, "epochs": 50}),
+        ("scored_posts", "STEP_START", 1.5, QUICK_BIG),
+    ],
+)
+def test_sigkill_mid_step_leaves_the_last_good_outputs(
+    tmp_path, generated_dump, big_dump, step, marker, delay, training
+):
+    src, day2 = tmp_path / "src", big_dump
+    src.mkdir()
+    for kind in ("posts", "tags"):
+        name = f"{kind}-{DUMP_DATE}.csv.gz"
+        (src / name).write_bytes((generated_dump / name).read_bytes())
+    home = tmp_path / "home"
+    assert _run(home, src).success
+    before = _state(home)
+    params = Path(before["lineage"]["fitted_params"][1]["path"])
+    export = home / "exports" / f"score-{DUMP_DATE}.csv.gz"
+    export_bytes = export.read_bytes()
+
+    for kind in ("posts", "tags"):  # tomorrow's dump arrives
+        (src / f"{kind}-{D2}.csv.gz").write_bytes((day2 / f"{kind}-{D2}.csv.gz").read_bytes())
+    _kill_during(_cli(home, src, training), step, marker, delay)
+
+    after = _state(home)
+    assert after["scored"] == before["scored"] == (3000, DUMP_DATE)
+    assert after["lineage"]["scored_posts"] == before["lineage"]["scored_posts"]
+    if step in ("cleaned_posts", "fitted_params"):  # params in use are still the old ones
+        assert after["lineage"]["fitted_params"] == before["lineage"]["fitted_params"]
+    if step == "cleaned_posts":
+        assert after["cleaned"] == 3000
+    load_params(params)  # still loadable
+    assert export.read_bytes() == export_bytes
+    assert not (home / "exports" / f"score-{D2}.csv.gz").exists()
+
+    # The next run completes normally and moves everything to the new dump.
+    proc = _cli(home, src, QUICK_BIG)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    final = _state(home)
+    assert final["scored"] == (100_000, D2)
