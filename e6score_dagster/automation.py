@@ -43,6 +43,6 @@ def automation_sensor() -> dg.AutomationConditionSensorDefinition:
         "e6score_automation",
         target=dg.AssetSelection.all(),
         default_status=dg.DefaultSensorStatus.RUNNING,
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=int(os.environ.get("E6SCORE_AUTOMATION_INTERVAL_S", "30")),
         description="Requests the pipeline's assets when their inputs' data versions change.",
     )

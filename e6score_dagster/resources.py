@@ -92,13 +92,20 @@ class DumpSourceResource(dg.ConfigurableResource):
     location: str = DEFAULT_SOURCE
     probe_days: int = 7
     timeout_s: float = 60.0
+    retries: int = 5
+    backoff_s: float = 1.0
 
     def client(self, progress=None) -> DumpSource:
         location = self.location
         if "://" not in location:
             location = str(Path(location).expanduser().resolve())
         return DumpSource(
-            location, timeout_s=self.timeout_s, probe_days=self.probe_days, progress=progress
+            location,
+            timeout_s=self.timeout_s,
+            probe_days=self.probe_days,
+            retries=self.retries,
+            backoff_s=self.backoff_s,
+            progress=progress,
         )
 
 

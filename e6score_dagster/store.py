@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -47,9 +50,22 @@ def record_lineage(
     )
 
 
+def table_exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_name = ? AND table_schema = 'main' AND table_catalog = current_database()",
+        [table],
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def read_lineage(conn: duckdb.DuckDBPyConnection, asset: str) -> tuple[str, dict[str, Any]]:
-    """(dump_date, info) of the last successful build of `asset`; a clear error if none."""
-    conn.execute(LINEAGE_DDL)
+    """(dump_date, info) of the last successful build of `asset`; a clear error if none.
+
+    Works on read-only connections too (the curation CLI reads while nothing writes).
+    """
+    if not table_exists(conn, "e6score_lineage"):
+        raise MissingUpstreamError(f"`{asset}` has not been materialised yet; materialise it first")
     row = conn.execute(
         "SELECT strftime(dump_date, '%Y-%m-%d'), info FROM e6score_lineage WHERE asset = ?",
         [asset],
@@ -57,6 +73,33 @@ def read_lineage(conn: duckdb.DuckDBPyConnection, asset: str) -> tuple[str, dict
     if row is None:
         raise MissingUpstreamError(f"`{asset}` has not been materialised yet; materialise it first")
     return row[0], json.loads(row[1])
+
+
+@contextmanager
+def query_progress(
+    conn: duckdb.DuckDBPyConnection, log: Callable[[str], None], label: str, every_s: float = 10
+) -> Iterator[None]:
+    """Logs a long DuckDB statement's progress (percent, elapsed, ETA) while it runs."""
+    conn.execute("SET enable_progress_bar = true; SET enable_progress_bar_print = false")
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def watch() -> None:
+        while not done.wait(every_s):
+            pct = conn.query_progress()
+            elapsed = time.monotonic() - t0
+            if pct > 0:
+                eta = elapsed * (100 - pct) / pct
+                log(f"{label}: {pct:.0f}% after {elapsed:.0f} s, ETA {eta:.0f} s")
+
+    thread = threading.Thread(target=watch, daemon=True, name=f"progress-{label}")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        log(f"{label}: done in {time.monotonic() - t0:.1f} s")
 
 
 def version_key(*parts: object) -> str:

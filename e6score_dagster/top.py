@@ -57,6 +57,7 @@ import duckdb
 from e6score_dagster.csv_read import DumpFormatError, check_header, read_csv_sql
 from e6score_dagster.resources import DB_FILE, default_home
 from e6score_dagster.schema import RATINGS
+from e6score_dagster.store import MissingUpstreamError, read_lineage, table_exists
 
 PROG = "python -m e6score_dagster.top"
 RANKING = "fav_score * ln(1 + fav_count), highest first; ties by ascending id"
@@ -112,26 +113,13 @@ def parse_exts(values: str | Iterable[str] | None) -> list[str]:
 # --------------------------------------------------------------------------- the query
 
 
-def _table_exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
-    row = conn.execute(
-        "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_name = ? AND table_schema = 'main' AND table_catalog = current_database()",
-        [table],
-    ).fetchone()
-    return bool(row and row[0])
-
-
 def _raw_dump_lineage(conn: duckdb.DuckDBPyConnection) -> tuple[str, dict[str, Any]]:
-    """(dump_date, info) of `raw_dump`; a read-only twin of `store.read_lineage`."""
-    if not _table_exists(conn, "e6score_lineage"):
-        raise TopError("no lineage table in the database: cannot tell which dump is current")
-    row = conn.execute(
-        "SELECT strftime(dump_date, '%Y-%m-%d'), info FROM e6score_lineage WHERE asset = ?",
-        ["raw_dump"],
-    ).fetchone()
-    if row is None:
-        raise TopError("`raw_dump` has no lineage record: cannot find the current dump's pools")
-    return row[0], json.loads(row[1])
+    try:
+        return read_lineage(conn, "raw_dump")
+    except MissingUpstreamError as exc:
+        raise TopError(
+            "`raw_dump` has no lineage record: cannot find the current dump's pools"
+        ) from exc
 
 
 def _load_pool_posts(
@@ -200,10 +188,8 @@ def top_posts(
     ratings = parse_ratings(ratings)
     exts = parse_exts(exts)
     exclude_tags = split_list(exclude_tags)
-    if not _table_exists(conn, "scored_posts"):
-        raise TopError(
-            f"the database has no scored_posts table: run `{MATERIALIZE_HINT}` first"
-        )
+    if not table_exists(conn, "scored_posts"):
+        raise TopError(f"the database has no scored_posts table: run `{MATERIALIZE_HINT}` first")
     where = ["TRUE"]
     params: list[Any] = []
     if not include_deleted:
@@ -215,7 +201,7 @@ def top_posts(
         where.append("list_contains(?::VARCHAR[], lower(s.file_ext))")
         params.append(exts)
     if exclude_tags:
-        if not _table_exists(conn, "cleaned_posts"):
+        if not table_exists(conn, "cleaned_posts"):
             raise TopError("--exclude-tags needs the cleaned_posts table, which is missing")
         where.append(
             "NOT EXISTS (SELECT 1 FROM cleaned_posts c "
@@ -327,34 +313,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-k", "--k", type=int, default=32, help="how many posts (default 32)")
     p.add_argument(
-        "--rating", action="append", metavar="R[,R]",
+        "--rating",
+        action="append",
+        metavar="R[,R]",
         help="keep only these ratings: s, q, e (comma list or repeated flag)",
     )
     p.add_argument(
-        "--ext", action="append", metavar="EXT[,EXT]",
+        "--ext",
+        action="append",
+        metavar="EXT[,EXT]",
         help="keep only these file extensions, e.g. png,jpg,webp",
     )
     p.add_argument(
-        "--exclude-tags", action="append", metavar="TAG[,TAG]",
+        "--exclude-tags",
+        action="append",
+        metavar="TAG[,TAG]",
         help="drop posts having any of these tags, e.g. comic,meme",
     )
     p.add_argument(
-        "--exclude-pools", action="store_true",
+        "--exclude-pools",
+        action="store_true",
         help="drop posts that are in any pool of the current dump",
     )
     p.add_argument(
         "--include-deleted", action="store_true", help="keep deleted posts (left out by default)"
     )
     p.add_argument(
-        "--home", type=Path, default=None,
+        "--home",
+        type=Path,
+        default=None,
         help=f"state folder holding {DB_FILE} (default: $E6SCORE_HOME, else data/)",
     )
     p.add_argument(
-        "--format", choices=("table", "json"), default="table",
+        "--format",
+        choices=("table", "json"),
+        default="table",
         help="an aligned table and URLs (default), or one JSON object for scripts",
     )
     p.add_argument(
-        "--wait", type=float, default=3.0, metavar="SECONDS",
+        "--wait",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
         help="how long to retry while a running pipeline holds the database lock (default 3)",
     )
     return p

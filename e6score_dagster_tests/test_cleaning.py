@@ -128,3 +128,16 @@ def test_reordered_header_is_read_by_name(tmp_path):
     home = tmp_path / "home"
     assert materialize(home, folder, select=[raw_dump, cleaned_posts]).success
     assert _query(home, "SELECT id, fav_count FROM cleaned_posts") == [(42, 17)]
+
+
+def test_enormous_field_is_quarantined_not_fatal(tmp_path):
+    huge = "x" * (20 * 1024 * 1024)  # 20 MiB description, over the 16 MiB line limit
+    rows = [post_row(id="1"), post_row(id="2", description=huge), post_row(id="3")]
+    folder = write_dump(tmp_path / "src", DATE, rows, TAGS)
+    home = tmp_path / "home"
+    result = materialize(home, folder, select=[raw_dump, cleaned_posts])
+    assert result.success
+    assert {r[0] for r in _query(home, "SELECT id FROM cleaned_posts")} == {1, 3}
+    rejected = _query(home, "SELECT stage, reason, length(raw) FROM rejected_rows")
+    assert len(rejected) == 1 and rejected[0][0] == "csv"
+    assert rejected[0][2] <= 4096  # the quarantined copy is bounded too

@@ -213,3 +213,22 @@ def test_sigkill_mid_step_leaves_the_last_good_outputs(
     assert proc.returncode == 0, out[-3000:]
     final = _state(home)
     assert final["scored"] == (100_000, D2)
+
+
+def test_diverging_training_fails_and_keeps_the_previous_params(tmp_path, generated_dump):
+    home = tmp_path / "home"
+    assert _run(home, generated_dump).success
+    before = _state(home)
+    resources = make_resources(home, str(generated_dump))
+    fitted, scored = PIPELINE[4], PIPELINE[5]
+    result = dg.materialize(
+        [*PIPELINE, *CHECKS], resources=resources, selection=[fitted.key, scored.key],
+        run_config=run_config({**FAST_TRAINING, "learning_rate": 1e30, "grad_clip": 1e30}),
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = result.failure_data_for_node("fitted_params")
+    assert "at step" in str(failure.error.cause.message if failure.error.cause else failure.error)
+    after = _state(home)
+    assert after["lineage"]["fitted_params"] == before["lineage"]["fitted_params"]
+    assert after["scored"] == before["scored"]

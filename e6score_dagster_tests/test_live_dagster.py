@@ -22,6 +22,7 @@ from dagster_graphql import DagsterGraphQLClient
 from e6score_dagster_tests.conftest import DUMP_DATE
 
 NEW_DATE = "2026-11-21"
+SENSOR_INTERVAL_S = 5
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 RUNS_QUERY = """
@@ -61,6 +62,7 @@ class LiveDagster:
             "DAGSTER_HOME": str(tmp / "dagster_home"),
             "E6SCORE_HOME": str(tmp / "home"),
             "E6SCORE_DUMP_SOURCE": str(source),
+            "E6SCORE_AUTOMATION_INTERVAL_S": str(SENSOR_INTERVAL_S),
         }
         self.log = (tmp / "dagster_dev.log").open("w")
         self.proc = subprocess.Popen(
@@ -167,7 +169,7 @@ def test_dagster_dev_follows_new_dumps_and_ignores_unchanged_ones(tmp_path, gene
         observe_run = live.trigger_ingestion()
         live.wait_for(lambda: any(r["runId"] == observe_run and r["status"] == "SUCCESS"
                                   for r in live.runs()), timeout=120, what="the observation")
-        time.sleep(75)  # more than two automation sensor ticks (30 s apart)
+        time.sleep(4 * SENSOR_INTERVAL_S + 10)  # several automation sensor ticks
         new_runs = [r for r in live.runs() if r["runId"] not in before]
         assert [r["jobName"] for r in new_runs] == ["observe_e621_dump"], new_runs
         assert live.latest("fitted_params")["runId"] == params_2["runId"]

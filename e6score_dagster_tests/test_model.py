@@ -161,3 +161,12 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     with pytest.raises(NonFiniteLossError, match="at step 1 "):
         train(CONFIG, layout, ParquetBatches(path, layout, 128, rows="train", shuffle_seed=0),
               log=lambda _: None)
+
+
+def test_oversized_params_file_is_refused(fitted, tmp_path, monkeypatch):
+    _, layout, result = fitted
+    path = tmp_path / "p.msgpack"
+    save_params(path, Fitted(result.params, CONFIG, layout))
+    monkeypatch.setattr("e6score_dagster.model.params.MAX_PARAMS_BYTES", 1000)
+    with pytest.raises(ValueError, match="over the 1000-byte limit"):
+        load_params(path)

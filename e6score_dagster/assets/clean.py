@@ -19,6 +19,7 @@ from e6score_dagster.store import (
     built_from,
     code_version,
     lineage_metadata,
+    query_progress,
     read_lineage,
     record_lineage,
     reused_result,
@@ -124,10 +125,11 @@ def cleaned_posts(
         except DumpFormatError as exc:
             raise dg.Failure(description=str(exc)) from exc
         context.log.info(f"reading posts of {dump_date} from {dump['posts']}")
-        conn.execute(
-            f"CREATE OR REPLACE TEMP TABLE staged AS SELECT {TYPED_COLUMNS} "
-            f"FROM {read_csv_sql(posts, header, 'posts_rejects')}"
-        )
+        with query_progress(conn, context.log.info, "parsing posts"):
+            conn.execute(
+                f"CREATE OR REPLACE TEMP TABLE staged AS SELECT {TYPED_COLUMNS} "
+                f"FROM {read_csv_sql(posts, header, 'posts_rejects')}"
+            )
         conn.execute("ALTER TABLE staged ADD COLUMN reason VARCHAR")
         conn.execute(f"UPDATE staged SET reason = {REJECT_REASON}")
         # Duplicate ids: keep the newest edit of the post, reject the others by name.

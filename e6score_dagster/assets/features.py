@@ -18,6 +18,7 @@ from e6score_dagster.store import (
     built_from,
     code_version,
     lineage_metadata,
+    query_progress,
     read_lineage,
     record_lineage,
     reused_result,
@@ -162,10 +163,11 @@ def feature_matrix(
     matrix = part_dir / "matrix.parquet"
     try:
         with duckdb.get_connection() as conn:
-            conn.execute(
-                f"COPY ({feature_sql(dump_date, config)}) TO '{matrix}' "
-                f"(FORMAT parquet, ROW_GROUP_SIZE {config.row_group_size}, COMPRESSION zstd)"
-            )
+            with query_progress(conn, context.log.info, "building features"):
+                conn.execute(
+                    f"COPY ({feature_sql(dump_date, config)}) TO '{matrix}' "
+                    f"(FORMAT parquet, ROW_GROUP_SIZE {config.row_group_size}, COMPRESSION zstd)"
+                )
             layout = _layout(conn, matrix, config)
             (part_dir / "layout.json").write_text(json.dumps(layout.to_dict(), indent=1))
             counts = conn.execute(

@@ -19,6 +19,7 @@ from e6score_dagster.store import (
     built_from,
     code_version,
     lineage_metadata,
+    query_progress,
     read_lineage,
     record_lineage,
     reused_result,
@@ -55,6 +56,11 @@ def export_column_sql(col: str) -> str:
     if col in TIMESTAMP_COLUMNS:
         return f"strftime(c.{col}, '%Y-%m-%d %H:%M:%S.%f') AS {col}"
     return f"c.{col}"
+
+
+def preview_md(rows: list) -> str:
+    head = "| id | favs | expected | fav_score |\n|---|---|---|---|\n"
+    return head + "\n".join(f"| {i} | {f} | {e} | {s} |" for i, f, e, s in rows)
 
 
 def _write_scores(fitted, matrix: Path, out: Path, log) -> tuple[int, float]:
@@ -148,11 +154,12 @@ def scored_posts(
                     },
                 )
             cols = ", ".join(export_column_sql(c) for c in POSTS_COLUMNS)
-            conn.execute(
-                f"COPY (SELECT {cols}, s.fav_score FROM cleaned_posts c "
-                f"JOIN scored_posts s USING (id) ORDER BY c.id) TO '{export_part}' "
-                "(FORMAT csv, HEADER, COMPRESSION gzip)"
-            )
+            with query_progress(conn, context.log.info, "writing the CSV export"):
+                conn.execute(
+                    f"COPY (SELECT {cols}, s.fav_score FROM cleaned_posts c "
+                    f"JOIN scored_posts s USING (id) ORDER BY c.id) TO '{export_part}' "
+                    "(FORMAT csv, HEADER, COMPRESSION gzip)"
+                )
             os.replace(export_part, export)
             meta = table_metadata(conn, "scored_posts")
             summary = conn.execute(
@@ -162,15 +169,16 @@ def scored_posts(
             sample = conn.execute(
                 "SELECT fav_score FROM scored_posts USING SAMPLE 100000 ROWS"
             ).fetchnumpy()["fav_score"]
-            top = conn.execute(
-                "SELECT id, fav_count, round(expected_fav_count, 1), round(fav_score, 4) "
-                "FROM scored_posts ORDER BY fav_score DESC, fav_count DESC LIMIT 10"
-            ).fetchall()
+            preview = {
+                order: conn.execute(
+                    "SELECT id, fav_count, round(expected_fav_count, 1), round(fav_score, 4) "
+                    f"FROM scored_posts ORDER BY fav_score {order}, id LIMIT 10"
+                ).fetchall()
+                for order in ("DESC", "ASC")
+            }
     finally:
         tmp_scores.unlink(missing_ok=True)
-    top_md = "| id | favs | expected | fav_score |\n|---|---|---|---|\n" + "\n".join(
-        f"| {i} | {f} | {e} | {s} |" for i, f, e, s in top
-    )
+
     removed = state.prune_dumps(keep_through=dump_date)
     if removed:
         context.log.info(f"removed dumps older than the newest {state.keep_dumps}: {removed}")
@@ -184,7 +192,8 @@ def scored_posts(
             "mean_fav_score": float(summary[0]),
             "median_fav_score": float(summary[1]),
             "posts_per_second": round(n_scored / max(score_s, 1e-9), 1),
-            "top_posts": dg.MetadataValue.md(top_md),
+            "top_posts": dg.MetadataValue.md(preview_md(preview["DESC"])),
+            "bottom_posts": dg.MetadataValue.md(preview_md(preview["ASC"])),
             "fav_score_histogram": dg.MetadataValue.md(
                 histogram_md(np.asarray(sample), "fav_score", bins=40)
             ),
