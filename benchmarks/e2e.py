@@ -125,14 +125,16 @@ def write_md(runs: list[dict]) -> None:
         "excluded). Peak RSS is the largest process of the run (all steps run in one process).",
         "",
         "| run | posts scored | wall | peak RSS | held-out NLL | constant log-normal NLL "
-        "| machine |",
-        "|---|---|---|---|---|---|---|",
+        "| linear baseline NLL | machine |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         h = r["holdout"]
+        constant = h.get("constant_nll", h.get("baseline_constant_nll"))
+        linear = f"{h['linear_nll']:.4f}" if "linear_nll" in h else "not measured"
         lines.append(
             f"| {r['label']} | {r['posts_scored']:,} | {r['wall_s']:.0f} s "
-            f"| {r['peak_rss_mb']:,} MB | {h['nll']:.4f} | {h['baseline_constant_nll']:.4f} "
+            f"| {r['peak_rss_mb']:,} MB | {h['nll']:.4f} | {constant:.4f} | {linear} "
             f"| {r['machine']} |"
         )
     lines += ["", "Per-step seconds:", ""]

@@ -53,22 +53,6 @@ def post_count_not_collapsed(duckdb: DuckDBResource, gates: QualityGates) -> dg.
 
 
 @dg.asset_check(
-    asset="fitted_params",
-    blocking=True,
-    description="The model's held-out NLL beats a constant log-normal fitted to the same "
-    "training posts; a model that does not has learned nothing from metadata.",
-)
-def beats_constant_baseline(duckdb: DuckDBResource) -> dg.AssetCheckResult:
-    with duckdb.get_connection() as conn:
-        _, info = read_lineage(conn, "fitted_params")
-    m = info["metrics"]
-    return dg.AssetCheckResult(
-        passed=bool(m.get("n")) and m["nll"] < m["baseline_constant_nll"],
-        metadata={k: v for k, v in m.items() if isinstance(v, int | float)},
-    )
-
-
-@dg.asset_check(
     asset="scored_posts",
     blocking=True,
     description="One score per cleaned post, ids unique, fav_score in [0, 1], no missing value.",

@@ -17,7 +17,6 @@ PIPELINE = [raw_dump, cleaned_posts, tag_vocabulary, feature_matrix, fitted_para
 CHECKS = [
     checks.rejected_share_within_limit,
     checks.post_count_not_collapsed,
-    checks.beats_constant_baseline,
     checks.every_post_scored,
 ]
 

@@ -76,13 +76,18 @@ def test_materialisations_carry_metadata_and_checks_pass(pipeline):
         assert meta["dump_date"].value == DUMP_DATE, asset
         assert "seconds" in meta, asset
     meta = result.asset_materializations_for_node("fitted_params")[0].metadata
-    assert meta["holdout_nll"].value < meta["holdout_nll_constant_baseline"].value
+    assert meta["holdout_nll"].value < meta["holdout_constant_nll"].value
+    assert meta["holdout_nll"].value < meta["holdout_linear_nll"].value
+    for k in ("mae", "median_ae", "spearman", "coverage_50", "coverage_80", "coverage_95"):
+        assert f"holdout_{k}" in meta and f"holdout_linear_{k}" in meta, k
     scored_meta = result.asset_materializations_for_node("scored_posts")[0].metadata
     assert scored_meta["dagster/row_count"].value == 3000
     assert [c.name for c in scored_meta["dagster/column_schema"].schema.columns][:5] == [
         "id", "fav_count", "expected_fav_count", "fav_score", "fav_zscore"]
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == len(CHECKS) == 4 and all(e.passed for e in evaluations)
+    names = {e.check_name for e in evaluations}
+    assert names == {c.check_key.name for c in CHECKS} | {"beats_baselines"}
+    assert all(e.passed for e in evaluations)
 
 
 def test_params_file_is_keyed_and_loadable(pipeline):

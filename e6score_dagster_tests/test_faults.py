@@ -232,3 +232,24 @@ def test_diverging_training_fails_and_keeps_the_previous_params(tmp_path, genera
     after = _state(home)
     assert after["lineage"]["fitted_params"] == before["lineage"]["fitted_params"]
     assert after["scored"] == before["scored"]
+
+
+def test_a_fit_that_loses_to_a_baseline_is_not_used(tmp_path, generated_dump):
+    home = tmp_path / "home"
+    assert _run(home, generated_dump).success
+    before = _state(home)
+    fitted, scored = PIPELINE[4], PIPELINE[5]
+    # Learning rate 0: the untrained network predicts exactly the constant log-normal.
+    result = dg.materialize(
+        [*PIPELINE, *CHECKS], resources=make_resources(home, str(generated_dump)),
+        selection=[fitted.key, scored.key],
+        run_config=run_config({**FAST_TRAINING, "learning_rate": 0.0}), raise_on_error=False,
+    )
+    gate = {e.check_name: e for e in result.get_asset_check_evaluations()}["beats_baselines"]
+    assert gate.passed is False
+    assert "constant" in gate.metadata["loses_to"].value
+    assert not result.asset_materializations_for_node("scored_posts")  # blocked
+    after = _state(home)
+    assert after["lineage"]["fitted_params"] == before["lineage"]["fitted_params"]
+    assert after["scored"] == before["scored"]
+    assert len(list((home / "params").glob("*.msgpack"))) == 2  # the loser is kept to inspect

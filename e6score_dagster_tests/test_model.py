@@ -85,7 +85,9 @@ def test_loss_decreases_and_beats_constant_baseline(fitted):
     metrics = evaluate(CONFIG, layout, result.params,
                        ParquetBatches(path, layout, 256, rows="holdout"))
     assert metrics["n"] == 400
-    assert metrics["nll"] < metrics["baseline_constant_nll"] - 0.2
+    assert metrics["nll"] < metrics["constant_nll"] - 0.2
+    assert metrics["spearman"] > 0.5 > metrics["constant_spearman"]
+    assert abs(metrics["coverage_80"] - 0.8) < 0.1
 
 
 def test_training_never_sees_holdout_rows(fitted):
@@ -170,3 +172,23 @@ def test_oversized_params_file_is_refused(fitted, tmp_path, monkeypatch):
     monkeypatch.setattr("e6score_dagster.model.params.MAX_PARAMS_BYTES", 1000)
     with pytest.raises(ValueError, match="over the 1000-byte limit"):
         load_params(path)
+
+
+def test_predictive_metrics_against_hand_computed_values():
+    from e6score_dagster.model.metrics import predictive_metrics
+
+    y = np.log1p(np.array([0.0, 9.0, 99.0]))
+    mu = np.log1p(np.array([1.0, 9.0, 9.0]))
+    sigma = np.array([1.0, 0.5, 2.0])
+    m = predictive_metrics(y, mu, sigma)
+    z = (y - mu) / sigma
+    nll = np.mean(np.log(sigma) + 0.5 * z**2 + 0.5 * np.log(2 * np.pi))
+    assert m["n"] == 3
+    assert m["nll"] == pytest.approx(nll)
+    assert m["mae"] == pytest.approx((1 + 0 + 90) / 3)
+    assert m["median_ae"] == pytest.approx(1.0)
+    assert m["spearman"] == pytest.approx(0.8660254, abs=1e-6)  # ties in mu: 2 and 3 share a rank
+    # |z| = 0.693, 0, 1.151: inside the 50% interval (|z| <= 0.674) only the second.
+    assert m["coverage_50"] == pytest.approx(1 / 3)
+    assert m["coverage_80"] == pytest.approx(3 / 3)  # 1.2816 covers all
+    assert m["coverage_95"] == pytest.approx(1.0)

@@ -1,5 +1,6 @@
 """Fitting the E6Score model on the feature matrix; params keyed by what they were built from."""
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from e6score_dagster.model import (
     ParquetBatches,
     evaluate,
     load_params,
+    predict,
     save_params,
     train,
 )
+from e6score_dagster.model.metrics import predictive_metrics
 from e6score_dagster.model.params import Fitted
 from e6score_dagster.plots import line_plot_md
 from e6score_dagster.resources import StateDir
@@ -29,6 +32,9 @@ from e6score_dagster.store import (
 )
 
 _DEFAULTS = ModelConfig()
+
+
+BASELINES = ("constant", "linear")
 
 
 class TrainingConfig(dg.Config):
@@ -58,6 +64,16 @@ class TrainingConfig(dg.Config):
     code_version="1",
     pool="duckdb",
     automation_condition=ON_NEW_DATA_VERSION,
+    check_specs=[
+        dg.AssetCheckSpec(
+            "beats_baselines",
+            asset="fitted_params",
+            blocking=True,
+            description="Held-out NLL beats a constant log-normal and a linear model on tag "
+            "indicators plus metadata, fitted on the same split. A fit that does not is kept "
+            "for inspection but not used: the previous params stay in use.",
+        )
+    ],
     description="The fitted E6Score model (Flax params, msgpack), trained on every non-deleted "
     "post outside the hold-out set. One file per (feature matrix, code version, config) under "
     "`$E6SCORE_HOME/params/`: the same inputs never train twice, and earlier files stay "
@@ -78,27 +94,40 @@ def fitted_params(
     path = state.params / f"{dump_date}-{key}.msgpack"
     if path.exists():
         context.log.info(f"params for these inputs, code and config exist: reusing {path.name}")
-        fitted = load_params(path)
-        with duckdb.get_connection() as conn, transaction(conn):
-            record_lineage(
-                conn, "fitted_params", dump_date, {"key": key, "path": str(path), **fitted.meta}
-            )
+        meta = load_params(path).meta
+        gate = _gate(meta.get("metrics", {}))
+        if gate.passed:
+            with duckdb.get_connection() as conn, transaction(conn):
+                record_lineage(
+                    conn, "fitted_params", dump_date, {"key": key, "path": str(path), **meta}
+                )
         return dg.MaterializeResult(
             data_version=dg.DataVersion(key),
             metadata={
                 **lineage_metadata(dump_date, key, inputs, reused=True),
                 "params_path": dg.MetadataValue.path(str(path)),
-                **_metric_metadata(fitted.meta.get("metrics", {})),
+                **_metric_metadata(meta.get("metrics", {})),
             },
+            check_results=[gate],
         )
     fdir = Path(features["dir"])
     layout = FeatureLayout.read(fdir / "layout.json")
     matrix = fdir / "matrix.parquet"
     data = ParquetBatches(matrix, layout, mcfg.batch_size, rows="train", shuffle_seed=mcfg.seed)
-    result = train(mcfg, layout, data, log=context.log.info)
     held_out = ParquetBatches(matrix, layout, 8192, rows="holdout")
+    result = train(mcfg, layout, data, log=context.log.info)
     metrics = evaluate(mcfg, layout, result.params, held_out)
+    # The linear baseline: same split, same optimiser and budget, additive in the tags.
+    lcfg = dataclasses.replace(mcfg, architecture="linear")
+    context.log.info("fitting the linear baseline")
+    linear = train(lcfg, layout, data, log=context.log.info)
+    y, mu, sigma = predict(lcfg, layout, linear.params, held_out)
+    if y.size:
+        metrics |= {
+            f"linear_{k}": v for k, v in predictive_metrics(y, mu, sigma).items() if k != "n"
+        }
     context.log.info(f"held-out metrics: {metrics}")
+    gate = _gate(metrics)
     meta = {
         "dump_date": dump_date,
         "inputs": inputs,
@@ -106,8 +135,16 @@ def fitted_params(
         "metrics": metrics,
     }
     save_params(path, Fitted(result.params, mcfg, layout, meta))
-    with duckdb.get_connection() as conn, transaction(conn):
-        record_lineage(conn, "fitted_params", dump_date, {"key": key, "path": str(path), **meta})
+    if gate.passed:
+        with duckdb.get_connection() as conn, transaction(conn):
+            record_lineage(
+                conn, "fitted_params", dump_date, {"key": key, "path": str(path), **meta}
+            )
+    else:
+        context.log.warning(
+            f"the new fit does not beat {gate.metadata['loses_to'].value}: kept {path.name} for "
+            "inspection, the previous params stay in use"
+        )
     curve = [(h["step"], h["loss"]) for h in result.history]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(key),
@@ -124,12 +161,28 @@ def fitted_params(
             "loss_curve": dg.MetadataValue.md(line_plot_md(curve, "step", "training NLL")),
             "seconds": round(time.perf_counter() - t0, 2),
         },
+        check_results=[gate],
+    )
+
+
+def _gate(metrics: dict) -> dg.AssetCheckResult:
+    """Blocking: a fit that does not beat every baseline on held-out NLL is not used."""
+    nll = metrics.get("nll", float("inf"))
+    losers = [b for b in BASELINES if not nll < metrics.get(f"{b}_nll", float("-inf"))]
+    return dg.AssetCheckResult(
+        check_name="beats_baselines",
+        passed=bool(metrics.get("n")) and not losers,
+        metadata={
+            "holdout_nll": float(nll),
+            **{f"{b}_nll": float(metrics.get(f"{b}_nll", float("nan"))) for b in BASELINES},
+            "loses_to": ", ".join(losers) or "none",
+        },
     )
 
 
 def _metric_metadata(metrics: dict) -> dict:
+    """Every held-out number, as floats so the UI plots them across materialisations."""
     return {
         "holdout_posts": dg.MetadataValue.int(int(metrics.get("n", 0))),
-        "holdout_nll": float(metrics.get("nll", float("nan"))),
-        "holdout_nll_constant_baseline": float(metrics.get("baseline_constant_nll", float("nan"))),
+        **{f"holdout_{k}": float(v) for k, v in metrics.items() if k != "n"},
     }

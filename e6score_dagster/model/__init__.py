@@ -4,7 +4,7 @@ from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import FeatureLayout, ParquetBatches
 from e6score_dagster.model.params import load_params, save_params
 from e6score_dagster.model.score import score_batches
-from e6score_dagster.model.train import TrainResult, evaluate, train
+from e6score_dagster.model.train import TrainResult, evaluate, predict, train
 
 __all__ = [
     "FeatureLayout",
@@ -13,6 +13,7 @@ __all__ = [
     "TrainResult",
     "evaluate",
     "load_params",
+    "predict",
     "save_params",
     "score_batches",
     "train",

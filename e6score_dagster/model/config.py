@@ -22,6 +22,7 @@ class ModelConfig:
     time_frequencies: int = 6
     grad_clip: float = 1.0
     seed: int = 0
+    architecture: str = "e6score"  # or "linear": the additive baseline the model must beat
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

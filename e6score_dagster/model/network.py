@@ -96,3 +96,36 @@ class E6ScoreNet(nn.Module):
 def gaussian_nll(mu: jnp.ndarray, sigma: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
     z = (y - mu) / sigma
     return jnp.log(sigma) + 0.5 * z * z + 0.5 * math.log(2 * math.pi)
+
+
+class LinearNet(nn.Module):
+    """The baseline: additive hashed tag effects plus a linear term in the other metadata,
+    with one homoscedastic scale. L2 comes from the optimiser's weight decay (ridge)."""
+
+    config: ModelConfig
+    n_rating: int
+    n_ext: int
+    y_mean: float
+    y_std: float
+
+    @nn.compact
+    def __call__(self, batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+        cfg = self.config
+        rows = probe_buckets(batch["tags"], cfg.hash_bits, cfg.num_probes)
+        mask = (batch["tags"] > 0).astype(jnp.float32)
+        weight = self.param("tag_weight", nn.initializers.zeros, (2**cfg.hash_bits,))
+        tag_term = (weight[rows].mean(axis=-1) * mask).sum(axis=1)
+        x = jnp.concatenate(
+            [
+                batch["numeric"],
+                jax.nn.one_hot(batch["rating"], self.n_rating),
+                jax.nn.one_hot(batch["ext"], self.n_ext),
+                time_encoding(batch["t_years"], cfg.time_frequencies),
+            ],
+            axis=-1,
+        )
+        linear = nn.Dense(1, kernel_init=nn.initializers.zeros, name="linear")(x)[:, 0]
+        mu = self.y_mean + self.y_std * (linear + tag_term)
+        log_scale = self.param("log_scale", nn.initializers.zeros, ())
+        sigma = self.y_std * jnp.exp(log_scale) * jnp.ones_like(mu)
+        return mu, sigma

@@ -14,14 +14,20 @@ import optax
 
 from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches
-from e6score_dagster.model.network import E6ScoreNet, gaussian_nll
+from e6score_dagster.model.metrics import predictive_metrics
+from e6score_dagster.model.network import E6ScoreNet, LinearNet, gaussian_nll
 
 MODEL_INPUTS = ("tags", "rating", "ext", "numeric", "t_years")
 Log = Callable[[str], None]
 
 
-def make_model(config: ModelConfig, layout: FeatureLayout) -> E6ScoreNet:
-    return E6ScoreNet(
+ARCHITECTURES = {"e6score": E6ScoreNet, "linear": LinearNet}
+
+
+def make_model(config: ModelConfig, layout: FeatureLayout) -> E6ScoreNet | LinearNet:
+    if config.architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {config.architecture!r}")
+    return ARCHITECTURES[config.architecture](
         config=config,
         n_rating=layout.n_rating,
         n_ext=layout.n_ext,
@@ -141,26 +147,38 @@ def train(
     )
 
 
-def evaluate(
+def predict(
     config: ModelConfig, layout: FeatureLayout, params: dict, data: ParquetBatches
-) -> dict[str, float]:
-    """Held-out Gaussian NLL in log1p space, next to the constant log-normal baseline."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y, mu, sigma) for every real row of `data`, in batches."""
     model = make_model(config, layout)
 
     @jax.jit
-    def nll_sums(params, batch):
-        mu, sigma = model.apply({"params": params}, model_inputs(batch))
-        w = batch["weight"]
-        base = gaussian_nll(
-            jnp.full_like(mu, layout.y_mean), jnp.full_like(mu, layout.y_std), batch["y"]
-        )
-        return (gaussian_nll(mu, sigma, batch["y"]) * w).sum(), (base * w).sum(), w.sum()
+    def fwd(params, batch):
+        return model.apply({"params": params}, batch)
 
-    tot, base, n = 0.0, 0.0, 0.0
+    ys, mus, sigmas = [], [], []
     for batch in data.epoch(0):
-        jbatch = {k: batch[k] for k in (*MODEL_INPUTS, "y", "weight")}
-        a, b, c = nll_sums(params, jbatch)
-        tot, base, n = tot + float(a), base + float(b), n + float(c)
-    if n == 0:
+        real = batch["weight"] > 0
+        mu, sigma = fwd(params, model_inputs(batch))
+        ys.append(batch["y"][real])
+        mus.append(np.asarray(mu)[real])
+        sigmas.append(np.asarray(sigma)[real])
+    if not ys:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    return np.concatenate(ys), np.concatenate(mus), np.concatenate(sigmas)
+
+
+def evaluate(
+    config: ModelConfig, layout: FeatureLayout, params: dict, data: ParquetBatches
+) -> dict[str, float]:
+    """Held-out metrics of the model, and of a constant log-normal fitted to the training
+    posts (keys prefixed `constant_`)."""
+    y, mu, sigma = predict(config, layout, params, data)
+    if y.size == 0:
         return {"n": 0}
-    return {"n": int(n), "nll": tot / n, "baseline_constant_nll": base / n}
+    constant = predictive_metrics(y, np.full_like(y, layout.y_mean), np.full_like(y, layout.y_std))
+    return {
+        **predictive_metrics(y, mu, sigma),
+        **{f"constant_{k}": v for k, v in constant.items() if k != "n"},
+    }
