@@ -37,3 +37,28 @@ def histogram_md(values: np.ndarray, xlabel: str, bins: int = 50) -> str:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("posts")
     return _to_md(fig, xlabel)
+
+
+def calibration_md(pit: np.ndarray, bins: int = 20) -> str:
+    """PIT histogram: flat when the predictive distribution is calibrated."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(pit, bins=bins, range=(0, 1), density=True)
+    ax.axhline(1.0, color="k", lw=1, ls="--")
+    ax.set_xlabel("predictive CDF at the observed count (held-out)")
+    ax.set_ylabel("density")
+    return _to_md(fig, "calibration")
+
+
+def scatter_md(observed: np.ndarray, predicted: np.ndarray, max_points: int = 5000) -> str:
+    """Predicted vs observed favourites on log axes, a random subsample."""
+    rng = np.random.default_rng(0)
+    idx = rng.choice(observed.size, size=min(max_points, observed.size), replace=False)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(predicted[idx] + 1, observed[idx] + 1, s=2, alpha=0.3)
+    top = max(float(observed.max(initial=1)), float(predicted.max(initial=1))) + 1
+    ax.plot([1, top], [1, top], "k--", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("expected favourites + 1")
+    ax.set_ylabel("observed favourites + 1")
+    return _to_md(fig, "predicted vs observed")

@@ -5,14 +5,15 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 from dagster_duckdb import DuckDBResource
+from scipy.stats import norm
 
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.model import (
     FeatureLayout,
     ModelConfig,
     ParquetBatches,
-    evaluate,
     load_params,
     predict,
     save_params,
@@ -20,7 +21,8 @@ from e6score_dagster.model import (
 )
 from e6score_dagster.model.metrics import predictive_metrics
 from e6score_dagster.model.params import Fitted
-from e6score_dagster.plots import line_plot_md
+from e6score_dagster.model.train import metrics_with_constant
+from e6score_dagster.plots import calibration_md, line_plot_md, scatter_md
 from e6score_dagster.resources import StateDir
 from e6score_dagster.store import (
     code_version,
@@ -116,16 +118,16 @@ def fitted_params(
     data = ParquetBatches(matrix, layout, mcfg.batch_size, rows="train", shuffle_seed=mcfg.seed)
     held_out = ParquetBatches(matrix, layout, 8192, rows="holdout")
     result = train(mcfg, layout, data, log=context.log.info)
-    metrics = evaluate(mcfg, layout, result.params, held_out)
+    y, mu, sigma = predict(mcfg, layout, result.params, held_out)
+    metrics = metrics_with_constant(y, mu, sigma, layout)
     # The linear baseline: same split, same optimiser and budget, additive in the tags.
     lcfg = dataclasses.replace(mcfg, architecture="linear")
     context.log.info("fitting the linear baseline")
     linear = train(lcfg, layout, data, log=context.log.info)
-    y, mu, sigma = predict(lcfg, layout, linear.params, held_out)
-    if y.size:
-        metrics |= {
-            f"linear_{k}": v for k, v in predictive_metrics(y, mu, sigma).items() if k != "n"
-        }
+    ly, lmu, lsigma = predict(lcfg, layout, linear.params, held_out)
+    if ly.size:
+        linear_metrics = predictive_metrics(ly, lmu, lsigma)
+        metrics |= {f"linear_{k}": v for k, v in linear_metrics.items() if k != "n"}
     context.log.info(f"held-out metrics: {metrics}")
     gate = _gate(metrics)
     meta = {
@@ -159,10 +161,21 @@ def fitted_params(
             "posts_per_second": round(result.posts_per_second, 1),
             "data_wait_share": round(result.data_wait_seconds / max(result.seconds, 1e-9), 4),
             "loss_curve": dg.MetadataValue.md(line_plot_md(curve, "step", "training NLL")),
+            **_plots(y, mu, sigma),
             "seconds": round(time.perf_counter() - t0, 2),
         },
         check_results=[gate],
     )
+
+
+def _plots(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> dict:
+    if not y.size:
+        return {}
+    pit = norm.cdf((y - mu) / sigma)
+    return {
+        "calibration": dg.MetadataValue.md(calibration_md(pit)),
+        "predicted_vs_observed": dg.MetadataValue.md(scatter_md(np.expm1(y), np.expm1(mu))),
+    }
 
 
 def _gate(metrics: dict) -> dg.AssetCheckResult:

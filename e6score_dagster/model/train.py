@@ -172,9 +172,14 @@ def predict(
 def evaluate(
     config: ModelConfig, layout: FeatureLayout, params: dict, data: ParquetBatches
 ) -> dict[str, float]:
+    return metrics_with_constant(*predict(config, layout, params, data), layout)
+
+
+def metrics_with_constant(
+    y: np.ndarray, mu: np.ndarray, sigma: np.ndarray, layout: FeatureLayout
+) -> dict[str, float]:
     """Held-out metrics of the model, and of a constant log-normal fitted to the training
     posts (keys prefixed `constant_`)."""
-    y, mu, sigma = predict(config, layout, params, data)
     if y.size == 0:
         return {"n": 0}
     constant = predictive_metrics(y, np.full_like(y, layout.y_mean), np.full_like(y, layout.y_std))
