@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import duckdb
 import pyarrow.parquet as pq
@@ -84,3 +85,10 @@ def test_holdout_depends_on_id_only(built):
     by_id = dict(flags)
     for i in m.index:
         assert bool(m.loc[i, "holdout"]) == by_id[i]
+
+
+def test_monthly_uploads_measure_site_activity(built):
+    _, m = built
+    # Posts 3, 4 and 5 share the default upload month (2019-03); post 1 is alone in its month.
+    assert m.loc[3, "log_monthly_uploads"] == pytest.approx(math.log(1 + 3), abs=1e-5)
+    assert m.loc[1, "log_monthly_uploads"] == pytest.approx(math.log(2), abs=1e-5)

@@ -51,6 +51,8 @@ NUMERIC_FEATURES: dict[str, str] = {
     "has_source": "CASE WHEN length(trim(coalesce(c.source, ''))) > 0 THEN 1 ELSE 0 END",
     "has_parent": "CASE WHEN c.parent_id IS NULL THEN 0 ELSE 1 END",
     "log_description_len": "ln(1 + length(coalesce(c.description, '')))",
+    # Site activity in the upload month: a measured proxy of the audience a post met.
+    "log_monthly_uploads": "ln(1 + coalesce(m.uploads, 0))",
 }
 
 
@@ -91,6 +93,10 @@ def feature_sql(dump_date: str, config: FeatureConfig) -> str:
                count(*) FILTER (WHERE category = 5) AS n_species,
                count(*) FILTER (WHERE category = 3) AS n_copyright
         FROM pt GROUP BY id
+    ),
+    m AS (
+        SELECT date_trunc('month', created_at) AS month, count(*) AS uploads
+        FROM cleaned_posts GROUP BY 1
     )
     SELECT c.id, c.fav_count, CAST(ln(1 + c.fav_count) AS FLOAT) AS y,
            CAST(list_resize(coalesce(a.tag_list, []), {config.max_tags}, 0) AS INTEGER[]) AS tags,
@@ -100,6 +106,7 @@ def feature_sql(dump_date: str, config: FeatureConfig) -> str:
            {holdout_sql(config.holdout_fraction)} AS holdout,
            NOT coalesce(c.is_deleted, false) AS trainable
     FROM cleaned_posts c LEFT JOIN a USING (id)
+    LEFT JOIN m ON m.month = date_trunc('month', c.created_at)
     ORDER BY hash(c.id), c.id
     """
 
