@@ -214,11 +214,12 @@ def test_materialize_all_from_the_asset_graph(tmp_path):
     finally:
         dagster.stop()
 
+    where = str(shot)
     out_dir = os.environ.get("E6SCORE_SCREENSHOT_DIR")
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        shot = Path(shutil.copy(shot, Path(out_dir) / shot.name))
+        where += f", copied to {shutil.copy(shot, Path(out_dir) / shot.name)}"
     print(
-        f"asset graph screenshot: {shot} (server up {t_ready - t0:.0f} s, launch "
+        f"asset graph screenshot: {where} (server up {t_ready - t0:.0f} s, launch "
         f"{t_launched - t_ready:.0f} s, run {t_done - t_launched:.0f} s)"
     )
