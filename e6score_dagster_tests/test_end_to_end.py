@@ -80,7 +80,11 @@ def test_materialisations_carry_metadata_and_checks_pass(pipeline):
     assert meta["holdout_nll"].value < meta["holdout_linear_nll"].value
     for k in ("mae", "median_ae", "spearman", "coverage_50", "coverage_80", "coverage_95"):
         assert f"holdout_{k}" in meta and f"holdout_linear_{k}" in meta, k
+    raw_meta = result.asset_materializations_for_node("raw_dump")[0].metadata
+    assert [c.name for c in raw_meta["dagster/column_schema"].schema.columns] == list(POSTS_COLUMNS)
     scored_meta = result.asset_materializations_for_node("scored_posts")[0].metadata
+    assert "top_posts" in scored_meta and "bottom_posts" in scored_meta
+    assert "fav_score_histogram" in scored_meta
     assert scored_meta["dagster/row_count"].value == 3000
     assert [c.name for c in scored_meta["dagster/column_schema"].schema.columns][:5] == [
         "id", "fav_count", "expected_fav_count", "fav_score", "fav_zscore"]

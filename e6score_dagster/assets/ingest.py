@@ -9,6 +9,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
+from e6score_dagster.csv_read import read_header
 from e6score_dagster.dump_source import DumpFiles
 from e6score_dagster.resources import DumpSourceResource, StateDir
 from e6score_dagster.store import built_from, lineage_metadata, record_lineage, transaction
@@ -90,6 +91,9 @@ def raw_dump(
             "content_sha256": version,
             **{f"{k}_bytes": dg.MetadataValue.int(v) for k, v in sizes.items()},
             "path": dg.MetadataValue.path(str(files.posts.parent)),
+            "dagster/column_schema": dg.TableSchema(
+                columns=[dg.TableColumn(c, "text") for c in read_header(files.posts)]
+            ),
             "seconds": round(time.perf_counter() - t0, 2),
         },
         data_version=dg.DataVersion(key),
