@@ -13,15 +13,12 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import requests
+
+from e6score_dagster_tests.dagster_dev import REPO_ROOT, DagsterDev
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Flags known to work on these machines: without the background-networking ones Chromium
@@ -30,92 +27,18 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "data" / "sample"
 ASSETS = [
     "e621_dump", "raw_dump", "cleaned_posts", "tag_vocabulary", "feature_matrix",
     "fitted_params", "scored_posts",
 ]
 MATERIALIZABLE = len(ASSETS) - 1  # e621_dump is an observable source, never materialised
-RUNS_QUERY = "{ runsOrError { ... on Runs { results { runId status } } } }"
-FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="the playwright package is missing (pip install -e '.[dev]')"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class DagsterDev:
-    """`dagster dev` in its own process group, so that stopping it stops its children too."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / "dagster_dev.log"
-        (tmp / "dagster_home").mkdir()
-        env = {
-            **os.environ,
-            "DAGSTER_HOME": str(tmp / "dagster_home"),
-            "E6SCORE_HOME": str(tmp / "e6score_home"),
-            "E6SCORE_DUMP_SOURCE": str(SAMPLE),
-        }
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dagster", "dev", "-m", "e6score_dagster",
-             "-h", "127.0.0.1", "-p", str(self.port)],
-            cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-    def log_tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dagster dev exited early (rc {self.proc.returncode})")
-            try:
-                if requests.get(f"{self.base}/server_info", timeout=2).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"dagster dev did not answer within {timeout:.0f} s")
-
-    def runs(self) -> list[dict]:
-        r = requests.post(f"{self.base}/graphql", json={"query": RUNS_QUERY}, timeout=30)
-        r.raise_for_status()
-        return r.json()["data"]["runsOrError"]["results"]
-
-    def wait_run(self, prefix: str, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        run: dict = {}
-        while time.monotonic() < deadline:
-            run = next((r for r in self.runs() if r["runId"].startswith(prefix)), {})
-            if run.get("status") in FINISHED:
-                return run
-            time.sleep(2)
-        raise TimeoutError(f"run {prefix} not finished within {timeout:.0f} s: {run}")
 
 
 def _wait_count(page, locator, n: int, timeout: float) -> bool:
@@ -127,7 +50,7 @@ def _wait_count(page, locator, n: int, timeout: float) -> bool:
 
 @pytest.mark.slow
 def test_materialize_all_from_the_asset_graph(tmp_path):
-    dagster = DagsterDev(tmp_path)
+    dagster = DagsterDev(tmp_path, SAMPLE)
     shot = tmp_path / "asset_graph.png"
     last = tmp_path / "last_seen.png"
     page = None  # for the failure screenshot

@@ -6,28 +6,19 @@ after that (the chain of runs) is the automation sensor's doing.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import requests
 from dagster_graphql import DagsterGraphQLClient
 
 from e6score_dagster_tests.conftest import DUMP_DATE
+from e6score_dagster_tests.dagster_dev import DagsterDev
 
 NEW_DATE = "2026-11-21"
 SENSOR_INTERVAL_S = 5
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
-RUNS_QUERY = """
-{ runsOrError { ... on Runs { results { runId jobName status assetSelection { path } } } } }
-"""
 LATEST_QUERY = """
 query ($path: [String!]!) {
   assetOrError(assetKey: {path: $path}) {
@@ -46,64 +37,12 @@ query ($path: [String!]!) {
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class LiveDagster(DagsterDev):
+    """dagster dev over a dump folder, with a fast automation sensor."""
 
-
-class LiveDagster:
     def __init__(self, tmp: Path, source: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/graphql"
-        (tmp / "dagster_home").mkdir()
-        env = {
-            **os.environ,
-            "DAGSTER_HOME": str(tmp / "dagster_home"),
-            "E6SCORE_HOME": str(tmp / "home"),
-            "E6SCORE_DUMP_SOURCE": str(source),
-            "E6SCORE_AUTOMATION_INTERVAL_S": str(SENSOR_INTERVAL_S),
-        }
-        self.log = (tmp / "dagster_dev.log").open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dagster", "dev", "-m", "e6score_dagster",
-             "-h", "127.0.0.1", "-p", str(self.port)],
-            cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        super().__init__(tmp, source, {"E6SCORE_AUTOMATION_INTERVAL_S": str(SENSOR_INTERVAL_S)})
         self.client = DagsterGraphQLClient("127.0.0.1", port_number=self.port)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
-
-    def gql(self, query: str, **variables) -> dict:
-        r = requests.post(self.url, json={"query": query, "variables": variables}, timeout=30)
-        r.raise_for_status()
-        body = r.json()
-        assert "errors" not in body, body
-        return body["data"]
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "dagster dev exited early"
-            try:
-                if requests.get(f"http://127.0.0.1:{self.port}/server_info", timeout=2).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        raise TimeoutError("dagster dev did not come up")
-
-    def runs(self) -> list[dict]:
-        return self.gql(RUNS_QUERY)["runsOrError"]["results"]
 
     def latest(self, asset: str) -> dict | None:
         mats = self.gql(LATEST_QUERY, path=[asset])["assetOrError"].get("assetMaterializations")
