@@ -174,3 +174,14 @@ def test_old_dumps_are_pruned_only_behind_a_successful_newer_one(tmp_path):
     assert state.prune_dumps(keep_through="2026-01-02") == ["2026-01-01"]
     assert state.prune_dumps(keep_through="2026-01-05") == ["2026-01-02"]
     assert sorted(p.name for p in state.dumps.iterdir()) == dates[2:]
+
+
+def test_a_missing_export_is_rewritten_not_reused(world):
+    assert world.run().success
+    export = world.home / "exports" / f"score-{DUMP_DATE}.csv.gz"
+    export.unlink()  # as if a run had been killed between the table swap and the export
+    again = world.run()
+    assert again.success
+    meta = again.asset_materializations_for_node("scored_posts")[0].metadata
+    assert meta["reused"].value is False
+    assert export.exists()

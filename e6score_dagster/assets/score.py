@@ -114,7 +114,10 @@ def scored_posts(
             "cleaned_posts": posts["key"],
         }
         key = version_key(inputs, code_version(context))
-        if built_from(conn, "scored_posts", key):
+        export = state.exports / f"score-{dump_date}.csv.gz"
+        # The export is written after the table's transaction; a run killed in between must
+        # not leave a "reused" table with no export.
+        if built_from(conn, "scored_posts", key) and export.exists():
             context.log.info("scored_posts is already built from these inputs: reused")
             return reused_result(conn, dump_date, key, inputs, "scored_posts")
     fitted = load_params(Path(params_info["path"]))
@@ -123,7 +126,6 @@ def scored_posts(
     try:
         n_scored, score_s = _write_scores(fitted, matrix, tmp_scores, context.log.info)
         context.log.info(f"scored {n_scored:,} posts in {score_s:.1f}s")
-        export = state.exports / f"score-{dump_date}.csv.gz"
         export_part = export.with_name("." + export.name + ".part")
         with duckdb.get_connection() as conn:
             with transaction(conn):
