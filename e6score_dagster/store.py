@@ -108,13 +108,18 @@ def version_key(*parts: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def built_from(conn: duckdb.DuckDBPyConnection, asset: str, key: str) -> dict[str, Any] | None:
-    """The lineage info of `asset` if its last build used exactly `key`, else None."""
+def last_build(conn: duckdb.DuckDBPyConnection, asset: str) -> tuple[str, dict[str, Any]] | None:
+    """(dump_date, info) of the last build of `asset`, or None if it was never built."""
     try:
-        _, info = read_lineage(conn, asset)
+        return read_lineage(conn, asset)
     except MissingUpstreamError:
         return None
-    return info if info.get("key") == key else None
+
+
+def built_from(conn: duckdb.DuckDBPyConnection, asset: str, key: str) -> dict[str, Any] | None:
+    """The lineage info of `asset` if its last build used exactly `key`, else None."""
+    last = last_build(conn, asset)
+    return last[1] if last and last[1].get("key") == key else None
 
 
 def code_version(context: dg.AssetExecutionContext) -> str:

@@ -15,9 +15,9 @@ from e6score_dagster.csv_read import (
 )
 from e6score_dagster.schema import POSTS_COLUMNS
 from e6score_dagster.store import (
-    MissingUpstreamError,
     built_from,
     code_version,
+    last_build,
     lineage_metadata,
     query_progress,
     read_lineage,
@@ -214,10 +214,10 @@ def cleaned_posts(
 
 def _previous_dump(conn, dump_date: str) -> dict:
     """The post count of the last dump cleaned before this one, for the count-drop check."""
-    try:
-        date, info = read_lineage(conn, "cleaned_posts")
-    except MissingUpstreamError:
+    last = last_build(conn, "cleaned_posts")
+    if last is None:
         return {}
+    date, info = last
     if date == dump_date:  # a rebuild of the same dump compares with the same predecessor
         return {k: info[k] for k in ("previous_rows", "previous_dump_date") if k in info}
     return {"previous_rows": info["rows"], "previous_dump_date": date}

@@ -14,9 +14,9 @@ from e6score_dagster.model import FeatureLayout
 from e6score_dagster.resources import StateDir
 from e6score_dagster.schema import SITE_LAUNCH
 from e6score_dagster.store import (
-    MissingUpstreamError,
     built_from,
     code_version,
+    last_build,
     lineage_metadata,
     query_progress,
     read_lineage,
@@ -163,7 +163,7 @@ def feature_matrix(
         if built_from(conn, "feature_matrix", key) and (final_dir / "layout.json").exists():
             context.log.info("feature_matrix is already built from these inputs: reused")
             return reused_result(conn, dump_date, key, inputs, path=str(final_dir))
-        _, previous = _previous(conn)
+        previous = (last_build(conn, "feature_matrix") or ("", {}))[1].get("dir")
     part_dir = final_dir.with_name("." + final_dir.name + ".part")
     shutil.rmtree(part_dir, ignore_errors=True)
     part_dir.mkdir(parents=True)
@@ -213,11 +213,3 @@ def feature_matrix(
             "seconds": round(time.perf_counter() - t0, 2),
         },
     )
-
-
-def _previous(conn) -> tuple[str | None, str | None]:
-    try:
-        date, info = read_lineage(conn, "feature_matrix")
-    except MissingUpstreamError:
-        return None, None
-    return date, info.get("dir")
