@@ -18,8 +18,17 @@ from e6score_dagster.model import (
     score_batches,
     train,
 )
+from e6score_dagster.model.metrics import predictive_metrics
+from e6score_dagster.model.network import warm_start
 from e6score_dagster.model.params import Fitted
-from e6score_dagster.model.train import NonFiniteLossError
+from e6score_dagster.model.train import (
+    NonFiniteLossError,
+    baseline_config,
+    calibrate_scale,
+    fit_with_baseline,
+    init_params,
+    predict,
+)
 
 CONFIG = ModelConfig(epochs=6, batch_size=128, hash_bits=10, embed_dim=8, mlp_widths=(16,),
                      learning_rate=1e-2)
@@ -192,3 +201,71 @@ def test_predictive_metrics_against_hand_computed_values():
     assert m["coverage_50"] == pytest.approx(1 / 3)
     assert m["coverage_80"] == pytest.approx(3 / 3)  # 1.2816 covers all
     assert m["coverage_95"] == pytest.approx(1.0)
+
+
+def test_validation_slice_is_stable_disjoint_and_never_held_out(fitted, tmp_path):
+    path, layout, _ = fitted
+
+    def ids(p, rows):
+        return set(np.concatenate([
+            b["id"][b["weight"] > 0]
+            for b in ParquetBatches(p, layout, 256, rows=rows, validation_fraction=0.2).epoch(0)
+        ]).tolist())
+
+    train_ids, val_ids, fit_ids = ids(path, "train"), ids(path, "validation"), ids(path, "fit")
+    assert not train_ids & val_ids and train_ids | val_ids == fit_ids and len(fit_ids) == 3600
+    assert 0.15 < len(val_ids) / len(fit_ids) < 0.25
+    assert not any(i % 10 == 0 for i in val_ids)  # held-out posts stay held out
+    # Another row order (another dump) puts the same posts in the slice.
+    shuffled = tmp_path / "shuffled.parquet"
+    make_matrix(shuffled, order=np.random.default_rng(3).permutation(4000), row_group=700)
+    assert ids(shuffled, "validation") == val_ids
+
+
+def test_calibrate_scale_against_hand_computed_value():
+    params = {"sigma_calibration": np.float32(0.0)}
+    y, mu, sigma = np.array([1.0, 0.0]), np.array([0.0, 3.0]), np.array([1.0, 1.0])
+    # z = 1 and -3: the NLL-optimal factor is sqrt(mean(z^2)) = sqrt(5).
+    assert calibrate_scale(params, y, mu, sigma) == pytest.approx(np.sqrt(5))
+    assert float(params["sigma_calibration"]) == pytest.approx(np.log(np.sqrt(5)), rel=1e-6)
+
+
+def _validation_nll(cfg, layout, params, data):
+    y, mu, sigma = predict(cfg, layout, params, data)
+    return predictive_metrics(y, mu, sigma)["nll"], mu, sigma
+
+
+def test_warm_start_predicts_exactly_the_linear_fit_and_training_only_improves(tmp_path):
+    path = tmp_path / "m.parquet"
+    _, layout = make_matrix(path, n=3000, seed=4)
+    cfg = ModelConfig(**{**CONFIG.to_dict(), "mlp_widths": CONFIG.mlp_widths, "epochs": 3,
+                         "baseline_epochs": 4, "validation_fraction": 0.2})
+    split = {"validation_fraction": 0.2}
+    data = ParquetBatches(path, layout, cfg.batch_size, rows="train", shuffle_seed=0, **split)
+    val = ParquetBatches(path, layout, 512, rows="validation", **split)
+    model, linear = fit_with_baseline(cfg, layout, data, val, log=lambda _: None)
+    lin_nll, lin_mu, lin_sigma = _validation_nll(baseline_config(cfg), layout, linear.params, val)
+    start = warm_start(init_params(cfg, layout), linear.params)
+    nll0, mu0, sigma0 = _validation_nll(cfg, layout, start, val)
+    np.testing.assert_allclose(mu0, lin_mu, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sigma0, lin_sigma, rtol=1e-4)
+    assert model.validation[0] == {"step": 0, "nll": pytest.approx(lin_nll, abs=1e-5)}
+    # The kept params are the best scored on validation, and calibration only lowers that.
+    best = min(v["nll"] for v in model.validation)
+    assert model.best_step == min(model.validation, key=lambda v: v["nll"])["step"]
+    assert _validation_nll(cfg, layout, model.params, val)[0] <= best + 1e-5 <= lin_nll + 1e-5
+
+
+def test_early_stopping_stops_when_validation_stops_improving(tmp_path):
+    path = tmp_path / "m.parquet"
+    _, layout = make_matrix(path, n=1500, seed=5)
+    # A learning rate this high makes validation NLL bounce; patience 1 must stop the run.
+    cfg = ModelConfig(**{**CONFIG.to_dict(), "mlp_widths": CONFIG.mlp_widths, "epochs": 40,
+                         "learning_rate": 0.3, "validation_fraction": 0.2, "patience": 1})
+    split = {"validation_fraction": 0.2}
+    data = ParquetBatches(path, layout, cfg.batch_size, rows="train", shuffle_seed=0, **split)
+    val = ParquetBatches(path, layout, 512, rows="validation", **split)
+    result = train(cfg, layout, data, log=lambda _: None, validation=val)
+    assert result.steps < 40 * data.steps()
+    nlls = [v["nll"] for v in result.validation]
+    assert nlls[-1] >= min(nlls[:-1])  # stopped right after a scoring that did not improve

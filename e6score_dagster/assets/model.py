@@ -1,6 +1,5 @@
 """Fitting the E6Score model on the feature matrix; params keyed by what they were built from."""
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -17,11 +16,10 @@ from e6score_dagster.model import (
     load_params,
     predict,
     save_params,
-    train,
 )
 from e6score_dagster.model.metrics import predictive_metrics
 from e6score_dagster.model.params import Fitted
-from e6score_dagster.model.train import metrics_with_constant
+from e6score_dagster.model.train import baseline_config, fit_with_baseline, metrics_with_constant
 from e6score_dagster.plots import calibration_md, line_plot_md, scatter_md
 from e6score_dagster.resources import StateDir
 from e6score_dagster.store import (
@@ -52,8 +50,14 @@ class TrainingConfig(dg.Config):
     cross_layers: int = _DEFAULTS.cross_layers
     mlp_widths: list[int] = list(_DEFAULTS.mlp_widths)
     time_frequencies: int = _DEFAULTS.time_frequencies
+    tag_dropout: float = _DEFAULTS.tag_dropout
     grad_clip: float = _DEFAULTS.grad_clip
     seed: int = _DEFAULTS.seed
+    baseline_epochs: int = _DEFAULTS.baseline_epochs
+    warm_start: bool = _DEFAULTS.warm_start
+    validation_fraction: float = _DEFAULTS.validation_fraction
+    evals_per_epoch: int = _DEFAULTS.evals_per_epoch
+    patience: int = _DEFAULTS.patience
 
     def to_model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model_dump())
@@ -63,7 +67,7 @@ class TrainingConfig(dg.Config):
     group_name="model",
     deps=["feature_matrix"],
     kinds={"jax", "msgpack"},
-    code_version="1",
+    code_version="2",
     pool="duckdb",
     automation_condition=ON_NEW_DATA_VERSION,
     check_specs=[
@@ -115,16 +119,17 @@ def fitted_params(
     fdir = Path(features["dir"])
     layout = FeatureLayout.read(fdir / "layout.json")
     matrix = fdir / "matrix.parquet"
-    data = ParquetBatches(matrix, layout, mcfg.batch_size, rows="train", shuffle_seed=mcfg.seed)
+    split = {"validation_fraction": mcfg.validation_fraction}
+    data = ParquetBatches(
+        matrix, layout, mcfg.batch_size, rows="train", shuffle_seed=mcfg.seed, **split
+    )
+    validation = ParquetBatches(matrix, layout, 8192, rows="validation", **split)
     held_out = ParquetBatches(matrix, layout, 8192, rows="holdout")
-    result = train(mcfg, layout, data, log=context.log.info)
+    # The linear baseline: same split and optimiser, additive in the tags and metadata.
+    result, linear = fit_with_baseline(mcfg, layout, data, validation, log=context.log.info)
     y, mu, sigma = predict(mcfg, layout, result.params, held_out)
     metrics = metrics_with_constant(y, mu, sigma, layout)
-    # The linear baseline: same split, same optimiser and budget, additive in the tags.
-    lcfg = dataclasses.replace(mcfg, architecture="linear")
-    context.log.info("fitting the linear baseline")
-    linear = train(lcfg, layout, data, log=context.log.info)
-    ly, lmu, lsigma = predict(lcfg, layout, linear.params, held_out)
+    ly, lmu, lsigma = predict(baseline_config(mcfg), layout, linear.params, held_out)
     if ly.size:
         linear_metrics = predictive_metrics(ly, lmu, lsigma)
         metrics |= {f"linear_{k}": v for k, v in linear_metrics.items() if k != "n"}
@@ -156,11 +161,19 @@ def fitted_params(
             "config": dg.MetadataValue.json(mcfg.to_dict()),
             "training_posts": dg.MetadataValue.int(data.num_rows()),
             **_metric_metadata(metrics),
+            "validation_posts": dg.MetadataValue.int(validation.num_rows()),
             "steps": dg.MetadataValue.int(result.steps),
+            "best_step": dg.MetadataValue.int(result.best_step),
+            "sigma_calibration": round(result.sigma_calibration, 4),
             "train_seconds": round(result.seconds, 2),
             "posts_per_second": round(result.posts_per_second, 1),
             "data_wait_share": round(result.data_wait_seconds / max(result.seconds, 1e-9), 4),
             "loss_curve": dg.MetadataValue.md(line_plot_md(curve, "step", "training NLL")),
+            "validation_curve": dg.MetadataValue.md(
+                line_plot_md(
+                    [(v["step"], v["nll"]) for v in result.validation], "step", "validation NLL"
+                )
+            ),
             **_plots(y, mu, sigma),
             "seconds": round(time.perf_counter() - t0, 2),
         },

@@ -20,9 +20,19 @@ class ModelConfig:
     cross_layers: int = 2
     mlp_widths: tuple[int, ...] = (128, 64)
     time_frequencies: int = 6
+    tag_dropout: float = 0.0  # share of a post's tags hidden from the deep part per step
     grad_clip: float = 1.0
     seed: int = 0
+    # Early stopping: the validation slice is scored `evals_per_epoch` times per epoch and the
+    # best params are kept; training stops after `patience` scorings without improvement.
+    validation_fraction: float = 0.05
+    evals_per_epoch: int = 4
+    patience: int = 3
     architecture: str = "e6score"  # or "linear": the additive baseline the model must beat
+    # The linear baseline is fitted first (for at most `baseline_epochs`); with `warm_start`
+    # the model starts from it, so its deep part learns only what is not additive.
+    baseline_epochs: int = 3
+    warm_start: bool = True
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

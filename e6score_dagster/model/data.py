@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 Batch = dict[str, np.ndarray]
-RowSet = Literal["train", "holdout", "all"]
+RowSet = Literal["fit", "train", "validation", "holdout", "all"]
 TIME_COLUMN = "t_upload_years"  # raw years since site launch; the model encodes it itself
 
 
@@ -64,6 +64,14 @@ class FeatureLayout:
     @classmethod
     def read(cls, path: Path) -> FeatureLayout:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def validation_mask(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """A slice of the training posts for early stopping and calibration, by a hash of the id
+    independent of the hold-out hash (so it is stable across dumps and never held-out)."""
+    x = ids.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(40)).astype(np.float64) < fraction * float(1 << 24)
 
 
 def _table_to_batch(table: pa.Table, layout: FeatureLayout) -> Batch:
@@ -110,13 +118,17 @@ class ParquetBatches:
         rows: RowSet = "all",
         shuffle_seed: int | None = None,
         prefetch: int = 4,
+        validation_fraction: float = 0.0,
     ) -> None:
+        """`rows`: "fit" is every trainable non-held-out post; "train" and "validation" split
+        it by `validation_fraction`; "holdout" is never trained on; "all" is every post."""
         self.path = Path(path)
         self.layout = layout
         self.batch_size = batch_size
         self.rows = rows
         self.shuffle_seed = shuffle_seed
         self.prefetch = prefetch
+        self.validation_fraction = validation_fraction
         self.wait_seconds = 0.0
         self._columns = [
             "id",
@@ -137,7 +149,14 @@ class ParquetBatches:
         holdout = table.column("holdout").to_numpy(zero_copy_only=False)
         trainable = table.column("trainable").to_numpy(zero_copy_only=False)
         # Held-out rows are judged like training rows (e.g. no deleted posts), only unseen.
-        return (holdout if self.rows == "holdout" else ~holdout) & trainable
+        if self.rows == "holdout":
+            return holdout & trainable
+        fit = ~holdout & trainable
+        if self.rows == "fit":
+            return fit
+        ids = table.column("id").to_numpy(zero_copy_only=False)
+        val = validation_mask(ids, self.validation_fraction)
+        return fit & (val if self.rows == "validation" else ~val)
 
     def num_rows(self) -> int:
         if self._num_rows is None:
@@ -145,7 +164,7 @@ class ParquetBatches:
             if self.rows == "all":
                 self._num_rows = pf.metadata.num_rows
             else:
-                t = pf.read(columns=["holdout", "trainable"])
+                t = pf.read(columns=["id", "holdout", "trainable"])
                 self._num_rows = int(self._mask(t).sum())
         return self._num_rows
 

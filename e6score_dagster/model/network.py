@@ -7,6 +7,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from e6score_dagster.model.config import ModelConfig
 
@@ -31,21 +32,48 @@ class TagEncoder(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tags: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(self, tags: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
         cfg = self.config
         rows = probe_buckets(tags, cfg.hash_bits, cfg.num_probes)  # [B, T, P]
         mask = (tags > 0).astype(jnp.float32)[..., None]  # index 0 is padding
+        emb_mask = mask
+        if train and cfg.tag_dropout > 0:
+            # Tag dropout: the deep part must not hinge on any one (rare) tag; the additive
+            # part below still sees every tag.
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - cfg.tag_dropout, mask.shape)
+            emb_mask = mask * keep
         table = self.param(
             "embedding", nn.initializers.normal(0.05), (2**cfg.hash_bits, cfg.embed_dim)
         )
         bias = self.param("bias", nn.initializers.zeros, (2**cfg.hash_bits,))
         probe_w = self.param("probe_weight", nn.initializers.ones, (cfg.num_probes,))
-        emb = jnp.einsum("btpd,p->btd", table[rows], probe_w) * mask
-        count = jnp.maximum(mask.sum(axis=1), 1.0)
+        emb = jnp.einsum("btpd,p->btd", table[rows], probe_w) * emb_mask
+        count = jnp.maximum(emb_mask.sum(axis=1), 1.0)
         pooled = emb.sum(axis=1) / jnp.sqrt(count)
         # Additive per-tag effect: the wide (linear-in-tags) part of the model.
         linear = (bias[rows].mean(axis=-1) * mask[..., 0]).sum(axis=1)
         return pooled, linear
+
+
+def calibrate(module: nn.Module, sigma: jnp.ndarray) -> jnp.ndarray:
+    """Scale sigma by a factor that training never moves: it is fitted afterwards on the
+    validation slice (`train.calibrate_scale`), since a scale learned on the training posts'
+    own residuals is overconfident wherever the mean has fitted noise."""
+    log_factor = module.param("sigma_calibration", nn.initializers.zeros, ())
+    return sigma * jnp.exp(jax.lax.stop_gradient(log_factor))
+
+
+def metadata_features(batch: dict[str, jnp.ndarray], n_rating: int, n_ext: int, n_freq: int):
+    """Everything but the tags, as one dense vector per post."""
+    return jnp.concatenate(
+        [
+            batch["numeric"],
+            jax.nn.one_hot(batch["rating"], n_rating),
+            jax.nn.one_hot(batch["ext"], n_ext),
+            time_encoding(batch["t_years"], n_freq),
+        ],
+        axis=-1,
+    )
 
 
 def time_encoding(t_years: jnp.ndarray, n_freq: int) -> jnp.ndarray:
@@ -65,9 +93,11 @@ class E6ScoreNet(nn.Module):
     y_std: float
 
     @nn.compact
-    def __call__(self, batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(
+        self, batch: dict[str, jnp.ndarray], train: bool = False
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
         cfg = self.config
-        pooled, linear = TagEncoder(cfg, name="tags")(batch["tags"])
+        pooled, linear = TagEncoder(cfg, name="tags")(batch["tags"], train)
         rating = nn.Embed(self.n_rating, 8, name="rating")(batch["rating"])
         ext = nn.Embed(self.n_ext, 8, name="ext")(batch["ext"])
         x0 = jnp.concatenate(
@@ -88,9 +118,14 @@ class E6ScoreNet(nn.Module):
         for i, w in enumerate(cfg.mlp_widths):
             h = nn.gelu(nn.Dense(w, name=f"mlp_{i}")(h))
         out = nn.Dense(2, name="head", kernel_init=nn.initializers.zeros)(h)
-        mu = self.y_mean + self.y_std * (out[:, 0] + linear)
+        # Wide part: the linear baseline's terms, so the deep part only has to learn what is
+        # not additive.
+        wide = nn.Dense(1, kernel_init=nn.initializers.zeros, name="wide")(
+            metadata_features(batch, self.n_rating, self.n_ext, cfg.time_frequencies)
+        )[:, 0]
+        mu = self.y_mean + self.y_std * (out[:, 0] + linear + wide)
         sigma = self.y_std * (jax.nn.softplus(out[:, 1] + 0.5413) + 1e-3)  # softplus(.5413)=1
-        return mu, sigma
+        return mu, calibrate(self, sigma)
 
 
 def gaussian_nll(mu: jnp.ndarray, sigma: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
@@ -109,23 +144,32 @@ class LinearNet(nn.Module):
     y_std: float
 
     @nn.compact
-    def __call__(self, batch: dict[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(
+        self, batch: dict[str, jnp.ndarray], train: bool = False
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
         cfg = self.config
         rows = probe_buckets(batch["tags"], cfg.hash_bits, cfg.num_probes)
         mask = (batch["tags"] > 0).astype(jnp.float32)
         weight = self.param("tag_weight", nn.initializers.zeros, (2**cfg.hash_bits,))
         tag_term = (weight[rows].mean(axis=-1) * mask).sum(axis=1)
-        x = jnp.concatenate(
-            [
-                batch["numeric"],
-                jax.nn.one_hot(batch["rating"], self.n_rating),
-                jax.nn.one_hot(batch["ext"], self.n_ext),
-                time_encoding(batch["t_years"], cfg.time_frequencies),
-            ],
-            axis=-1,
-        )
+        x = metadata_features(batch, self.n_rating, self.n_ext, cfg.time_frequencies)
         linear = nn.Dense(1, kernel_init=nn.initializers.zeros, name="linear")(x)[:, 0]
         mu = self.y_mean + self.y_std * (linear + tag_term)
         log_scale = self.param("log_scale", nn.initializers.zeros, ())
         sigma = self.y_std * jnp.exp(log_scale) * jnp.ones_like(mu)
-        return mu, sigma
+        return mu, calibrate(self, sigma)
+
+
+def warm_start(params: dict, linear: dict) -> dict:
+    """E6ScoreNet params that predict exactly what the fitted LinearNet `linear` predicts: its
+    additive tag and metadata terms become the wide part, its scale the head's scale bias, and
+    the deep part starts at zero output. Training then only has to learn what the linear model
+    misses, and early stopping can never end worse than the linear fit on validation."""
+    out = jax.tree_util.tree_map(np.array, params)
+    out["tags"]["bias"] = np.array(linear["tag_weight"])
+    out["wide"] = {k: np.array(v) for k, v in linear["linear"].items()}
+    scale = float(np.exp(linear["log_scale"] + linear["sigma_calibration"]))
+    head_bias = np.array(out["head"]["bias"])
+    head_bias[1] = math.log(math.expm1(max(scale - 1e-3, 1e-3))) - 0.5413
+    out["head"]["bias"] = head_bias
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import optax
 from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches
 from e6score_dagster.model.metrics import predictive_metrics
-from e6score_dagster.model.network import E6ScoreNet, LinearNet, gaussian_nll
+from e6score_dagster.model.network import E6ScoreNet, LinearNet, gaussian_nll, warm_start
 
 MODEL_INPUTS = ("tags", "rating", "ext", "numeric", "t_years")
 Log = Callable[[str], None]
@@ -60,10 +61,92 @@ class TrainResult:
     data_wait_seconds: float
     posts_per_second: float
     history: list[dict] = field(default_factory=list)  # {"step", "epoch", "loss"}
+    validation: list[dict] = field(default_factory=list)  # {"step", "nll"}
+    best_step: int = 0
+    sigma_calibration: float = 1.0  # the factor fitted on the validation slice
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+def _optimizer(config: ModelConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = optax.cosine_onecycle_schedule(
+        transition_steps=total_steps, peak_value=config.learning_rate, pct_start=0.25
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip),
+        optax.adamw(schedule, weight_decay=config.weight_decay),
+    )
+
+
+def _train_step(model: E6ScoreNet | LinearNet, tx: optax.GradientTransformation) -> Callable:
+    @jax.jit
+    def step(params, opt_state, batch, rng):
+        def loss_fn(p):
+            mu, sigma = model.apply(
+                {"params": p}, model_inputs(batch), train=True, rngs={"dropout": rng}
+            )
+            w = batch["weight"]
+            return (gaussian_nll(mu, sigma, batch["y"]) * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def train_step_flops(config: ModelConfig, layout: FeatureLayout) -> float:
+    """XLA's count of floating-point operations in one training step (forward, backward and
+    optimiser update) at the configured batch size."""
+    model = make_model(config, layout)
+    tx = _optimizer(config, 1)
+    params = init_params(config, layout)
+    b = config.batch_size
+    batch = {
+        "tags": np.zeros((b, layout.max_tags), np.int32),
+        "rating": np.zeros(b, np.int32),
+        "ext": np.zeros(b, np.int32),
+        "numeric": np.zeros((b, len(layout.numeric)), np.float32),
+        "t_years": np.zeros(b, np.float32),
+        "y": np.zeros(b, np.float32),
+        "weight": np.ones(b, np.float32),
+    }
+    key = jax.random.PRNGKey(0)
+    compiled = _train_step(model, tx).lower(params, tx.init(params), batch, key).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def _forward(model: E6ScoreNet | LinearNet) -> Callable:
+    return jax.jit(lambda params, batch: model.apply({"params": params}, batch))
+
+
+def _predict(fwd: Callable, params: dict, data: ParquetBatches) -> tuple[np.ndarray, ...]:
+    ys, mus, sigmas = [], [], []
+    for batch in data.epoch(0):
+        real = batch["weight"] > 0
+        mu, sigma = fwd(params, model_inputs(batch))
+        ys.append(batch["y"][real])
+        mus.append(np.asarray(mu)[real])
+        sigmas.append(np.asarray(sigma)[real])
+    if not ys:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    return np.concatenate(ys), np.concatenate(mus), np.concatenate(sigmas)
+
+
+def _nll(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    return float(np.asarray(gaussian_nll(mu, sigma, y), np.float64).mean())
+
+
+def calibrate_scale(params: dict, y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """Set the sigma factor that minimises the Gaussian NLL on (y, mu, sigma): the root mean
+    squared z-score. Returns the factor; `params` must not be calibrated yet."""
+    factor = float(np.sqrt(np.mean(np.square((y - mu) / sigma)))) if y.size else 1.0
+    params["sigma_calibration"] = np.asarray(math.log(factor), np.float32)
+    return factor
 
 
 def train(
@@ -72,46 +155,50 @@ def train(
     data: ParquetBatches,
     log: Log = print,
     log_every_s: float = 10.0,
+    validation: ParquetBatches | None = None,
+    init: dict | None = None,
 ) -> TrainResult:
+    """Fit on `data`, starting from `init` if given. With `validation` rows: keep the params
+    that score best on them (the starting point included), stop early when they stop
+    improving, and calibrate sigma on them."""
     model = make_model(config, layout)
+    fwd = _forward(model)
     steps_per_epoch = data.steps()
     if steps_per_epoch == 0:
         raise ValueError("no training rows in the feature matrix")
     total = config.epochs * steps_per_epoch
-    schedule = optax.cosine_onecycle_schedule(
-        transition_steps=total, peak_value=config.learning_rate, pct_start=0.25
-    )
-    tx = optax.chain(
-        optax.clip_by_global_norm(config.grad_clip),
-        optax.adamw(schedule, weight_decay=config.weight_decay),
-    )
-    params = init_params(config, layout)
+    tx = _optimizer(config, total)
+    params = init_params(config, layout) if init is None else init
     opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        def loss_fn(p):
-            mu, sigma = model.apply({"params": p}, model_inputs(batch))
-            w = batch["weight"]
-            return (gaussian_nll(mu, sigma, batch["y"]) * w).sum() / jnp.maximum(w.sum(), 1.0)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    step = _train_step(model, tx)
+    dropout_key = jax.random.PRNGKey(config.seed + 1)
 
     log(
         f"training: {data.num_rows():,} posts, {config.epochs} epochs x {steps_per_epoch} steps "
         f"of {config.batch_size}"
     )
     history: list[dict] = []
+    val_curve: list[dict] = []
+    has_val = validation is not None and validation.num_rows() > 0
+    eval_every = max(1, steps_per_epoch // max(1, config.evals_per_epoch))
+    best = (math.inf, 0, None)  # (nll, step, params)
+    stale = 0
+    if has_val and init is not None:
+        nll = _nll(*_predict(fwd, params, validation))
+        val_curve.append({"step": 0, "nll": nll})
+        best = (nll, 0, jax.device_get(params))
     t_start = time.perf_counter()
     t_log = t_start
     running, n_running, global_step = 0.0, 0, 0
     record_every = max(1, total // 200)
+    stop = False
     for epoch in range(config.epochs):
+        if stop:
+            break
         for batch in data.epoch(epoch):
             jbatch = {k: batch[k] for k in (*MODEL_INPUTS, "y", "weight")}
-            params, opt_state, loss = step(params, opt_state, jbatch)
+            rng = jax.random.fold_in(dropout_key, global_step)
+            params, opt_state, loss = step(params, opt_state, jbatch, rng)
             loss_v = float(loss)
             global_step += 1
             if not math.isfinite(loss_v):
@@ -136,37 +223,67 @@ def train(
                 t_log = now
             if global_step % record_every == 0:
                 running, n_running = 0.0, 0
+            if has_val and (global_step % eval_every == 0 or global_step == total):
+                nll = _nll(*_predict(fwd, params, validation))
+                val_curve.append({"step": global_step, "nll": nll})
+                if nll < best[0]:
+                    best, stale = (nll, global_step, jax.device_get(params)), 0
+                else:
+                    stale += 1
+                if stale >= config.patience:
+                    log(
+                        f"early stop at step {global_step}: validation NLL {nll:.4f}, best "
+                        f"{best[0]:.4f} at step {best[1]}"
+                    )
+                    stop = True
+                    break
     seconds = time.perf_counter() - t_start
+    final = jax.device_get(params) if best[2] is None else best[2]
+    factor = 1.0
+    if has_val:
+        final = jax.tree_util.tree_map(np.array, final)  # a writable copy
+        factor = calibrate_scale(final, *_predict(fwd, final, validation))
+        log(f"best validation NLL {best[0]:.4f} at step {best[1]}; sigma x {factor:.3f}")
     return TrainResult(
-        params=jax.device_get(params),
+        params=final,
         steps=global_step,
         seconds=seconds,
         data_wait_seconds=data.wait_seconds,
         posts_per_second=global_step * config.batch_size / seconds,
         history=history,
+        validation=val_curve,
+        best_step=best[1] if best[2] is not None else global_step,
+        sigma_calibration=factor,
     )
+
+
+def baseline_config(config: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(config, architecture="linear", epochs=config.baseline_epochs)
+
+
+def fit_with_baseline(
+    config: ModelConfig,
+    layout: FeatureLayout,
+    data: ParquetBatches,
+    validation: ParquetBatches | None = None,
+    log: Log = print,
+) -> tuple[TrainResult, TrainResult]:
+    """(model, linear baseline) fitted on the same rows: the baseline first, then the model,
+    warm-started from it when `config.warm_start`."""
+    log("fitting the linear baseline")
+    linear = train(baseline_config(config), layout, data, log, validation=validation)
+    if config.architecture == "linear":
+        return linear, linear
+    init = warm_start(init_params(config, layout), linear.params) if config.warm_start else None
+    log("fitting the model" + (", starting from the linear baseline" if init else ""))
+    return train(config, layout, data, log, validation=validation, init=init), linear
 
 
 def predict(
     config: ModelConfig, layout: FeatureLayout, params: dict, data: ParquetBatches
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(y, mu, sigma) for every real row of `data`, in batches."""
-    model = make_model(config, layout)
-
-    @jax.jit
-    def fwd(params, batch):
-        return model.apply({"params": params}, batch)
-
-    ys, mus, sigmas = [], [], []
-    for batch in data.epoch(0):
-        real = batch["weight"] > 0
-        mu, sigma = fwd(params, model_inputs(batch))
-        ys.append(batch["y"][real])
-        mus.append(np.asarray(mu)[real])
-        sigmas.append(np.asarray(sigma)[real])
-    if not ys:
-        return np.zeros(0), np.zeros(0), np.zeros(0)
-    return np.concatenate(ys), np.concatenate(mus), np.concatenate(sigmas)
+    return _predict(_forward(make_model(config, layout)), params, data)
 
 
 def evaluate(

@@ -1,0 +1,289 @@
+"""Scale benchmark: every asset of the chain at N posts, one Dagster CLI process per step.
+
+    python benchmarks/scale.py --posts 6000000        # generates the dump once, then reuses it
+    python benchmarks/scale.py --posts 100000 --posts 1000000 --posts 6000000
+
+Each step runs as `dagster asset materialize -m e6score_dagster --select <asset>` under
+`/usr/bin/time -v`, in the order of the chain, so its wall time and peak RSS are those of the
+process that did the work. Also measured in the same run: DuckDB alone scanning the posts file
+(`SELECT count(*) FROM read_csv(...)`), the training step's FLOPs and the machine's matmul
+throughput. Writes benchmarks/scale.json (raw) and benchmarks/SCALE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import DATE, HERE, WORK, ensure_dump, time_v  # noqa: E402
+
+from e6score_dagster.csv_read import read_csv_sql, read_header  # noqa: E402
+from e6score_dagster.definitions import PIPELINE  # noqa: E402
+from e6score_dagster.resources import duckdb_resource  # noqa: E402
+
+RESULTS_JSON = HERE / "scale.json"
+RESULTS_MD = HERE / "SCALE.md"
+TARGETS = {
+    "chain_s": 15 * 60,
+    "step_rss_mb": 4096,
+    "clean_vs_scan": 1.5,
+    "score_posts_per_s": 50_000,
+}
+
+
+def bare_scan_seconds(posts_csv: Path, tmp: Path) -> float:
+    """DuckDB alone counting the rows of the posts file, with the settings the pipeline uses."""
+    cfg = duckdb_resource(tmp).connection_config
+    with duckdb.connect(str(tmp / "scan.duckdb"), config=cfg) as conn:
+        sql = read_csv_sql(posts_csv, read_header(posts_csv), "scan_rejects")
+        t0 = time.perf_counter()
+        conn.execute(f"SELECT count(*) FROM {sql}").fetchone()
+        return time.perf_counter() - t0
+
+
+def matmul_gflops() -> float:
+    """Dense float32 matmul throughput of this machine under JAX (best of 5)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(5))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_flops(home: Path) -> dict:
+    from e6score_dagster.model import FeatureLayout, load_params
+    from e6score_dagster.model.train import train_step_flops
+    from e6score_dagster.store import read_lineage
+
+    with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
+        _, params = read_lineage(conn, "fitted_params")
+    fitted = load_params(Path(params["path"]))
+    layout: FeatureLayout = fitted.layout
+    return {
+        "flops_per_step": train_step_flops(fitted.config, layout),
+        "batch_size": fitted.config.batch_size,
+    }
+
+
+def latest_metadata(dagster_home: Path, asset: str) -> dict:
+    """The newest materialisation's metadata, as plain values."""
+    import dagster as dg
+
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    with dg.DagsterInstance.get() as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    meta = event.asset_materialization.metadata if event else {}
+    return {k: getattr(v, "value", v) for k, v in meta.items()}
+
+
+def measure(posts: int, seed: int) -> dict:
+    source = ensure_dump(posts, seed)
+    label = f"{posts:,} posts"
+    home = WORK / f"scale-{posts}-s{seed}"
+    shutil.rmtree(home, ignore_errors=True)
+    dagster_home = home / "dagster_home"
+    dagster_home.mkdir(parents=True)
+    env = {
+        **os.environ,
+        "E6SCORE_HOME": str(home),
+        "E6SCORE_DUMP_SOURCE": str(source),
+        "DAGSTER_HOME": str(dagster_home),
+    }
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        scan_s = bare_scan_seconds(source / f"posts-{DATE}.csv.gz", Path(tmp))
+    steps = {}
+    for asset in PIPELINE:
+        name = asset.key.to_user_string()
+        cmd = ["dagster", "asset", "materialize", "-m", "e6score_dagster", "--select", name]
+        run = time_v(cmd, env, home / f"{name}.log")
+        steps[name] = {
+            "process_wall_s": run["wall_s"],
+            "step_s": run["steps_s"].get(name, float("nan")),
+            "peak_rss_mb": run["peak_rss_mb"],
+        }
+        print(f"{label}: {name} {steps[name]}", flush=True)
+    train_meta = latest_metadata(dagster_home, "fitted_params")
+    score_meta = latest_metadata(dagster_home, "scored_posts")
+    flops = step_flops(home)
+    gflops = matmul_gflops()
+    step_s = flops["batch_size"] / train_meta["posts_per_second"]
+    return {
+        "label": label,
+        "posts": posts,
+        "seed": seed,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "source": str(source),
+        "dump_bytes": sum(f.stat().st_size for f in source.glob(f"*-{DATE}.csv.gz")),
+        "bare_scan_s": round(scan_s, 2),
+        "steps": steps,
+        "chain_step_s": round(sum(s["step_s"] for s in steps.values()), 1),
+        "chain_process_s": round(sum(s["process_wall_s"] for s in steps.values()), 1),
+        "max_step_rss_mb": max(s["peak_rss_mb"] for s in steps.values()),
+        "training": {
+            "posts_per_second": train_meta["posts_per_second"],
+            "data_wait_share": train_meta["data_wait_share"],
+            "steps": train_meta["steps"],
+            "best_step": train_meta.get("best_step"),
+            "train_seconds": train_meta["train_seconds"],
+            "flops_per_step": flops["flops_per_step"],
+            "batch_size": flops["batch_size"],
+            "achieved_gflops": round(flops["flops_per_step"] / step_s / 1e9, 2),
+            "matmul_gflops": round(gflops, 1),
+            "holdout_nll": train_meta.get("holdout_nll"),
+            "holdout_linear_nll": train_meta.get("holdout_linear_nll"),
+        },
+        "scoring": {
+            "posts_per_second": score_meta["posts_per_second"],
+            "score_seconds": score_meta.get("score_seconds"),
+            "export_seconds": score_meta.get("export_seconds"),
+        },
+        "machine": machine(),
+    }
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GB RAM, Python {platform.python_version()}"
+
+
+def write_md(runs: list[dict]) -> None:
+    runs = sorted(runs, key=lambda r: r["posts"])
+    names = list(runs[0]["steps"])
+    lines = [
+        "# Scale results",
+        "",
+        "Recorded by `python benchmarks/scale.py --posts N` (see its docstring). Each step is one",
+        "`dagster asset materialize -m e6score_dagster --select <asset>` process under",
+        "`/usr/bin/time -v`, in chain order, from an empty `E6SCORE_HOME`; the dump comes from a",
+        "local folder (download and dump generation excluded). *Step* is Dagster's step time;",
+        "*process* adds the CLI's start-up (about 4 s of imports). Peak RSS is per process.",
+        "",
+        f"Machine: {runs[-1]['machine']}.",
+        "",
+        "## Per step: step seconds (process seconds) / peak RSS",
+        "",
+        "| step | " + " | ".join(r["label"] for r in runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    for n in names:
+        cells = [
+            f"{r['steps'][n]['step_s']:.1f} s ({r['steps'][n]['process_wall_s']:.0f} s) / "
+            f"{r['steps'][n]['peak_rss_mb']:,} MB"
+            for r in runs
+        ]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| **chain** | "
+        + " | ".join(
+            f"**{r['chain_step_s']:.0f} s** ({r['chain_process_s']:.0f} s) / "
+            f"max {r['max_step_rss_mb']:,} MB"
+            for r in runs
+        )
+        + " |"
+    )
+    lines += [
+        "",
+        "## Against the targets",
+        "",
+        "| measure | target | " + " | ".join(r["label"] for r in runs) + " |",
+        "|---|---|" + "---|" * len(runs),
+    ]
+
+    def row(name: str, target: str, fmt) -> None:
+        lines.append(f"| {name} | {target} | " + " | ".join(fmt(r) for r in runs) + " |")
+
+    row("whole chain (step time)", "≤ 900 s", lambda r: f"{r['chain_step_s']:.0f} s")
+    row("largest step peak RSS", "≤ 4,096 MB", lambda r: f"{r['max_step_rss_mb']:,} MB")
+    row("bare DuckDB scan (`count(*)`)", "", lambda r: f"{r['bare_scan_s']:.1f} s")
+    row(
+        "cleaned_posts / bare scan",
+        "≤ 1.5",
+        lambda r: f"{r['steps']['cleaned_posts']['step_s'] / r['bare_scan_s']:.2f}",
+    )
+    row("training posts/s", "", lambda r: f"{r['training']['posts_per_second']:,.0f}")
+    row(
+        "training steps (best step)",
+        "",
+        lambda r: f"{r['training']['steps']} ({r['training'].get('best_step')})",
+    )
+    row("data-wait share of training", "small", lambda r: f"{r['training']['data_wait_share']:.1%}")
+    row(
+        "FLOPs per step / achieved GFLOP/s / matmul GFLOP/s",
+        "",
+        lambda r: (
+            f"{r['training']['flops_per_step'] / 1e9:.2f} G / "
+            f"{r['training']['achieved_gflops']:.1f} / {r['training']['matmul_gflops']:.0f}"
+        ),
+    )
+    row(
+        "scoring posts/s",
+        "≥ 50,000",
+        lambda r: f"{r['scoring']['posts_per_second']:,.0f}",
+    )
+    row(
+        "CSV export",
+        "",
+        lambda r: (
+            f"{r['scoring']['export_seconds']} s"
+            if r["scoring"].get("export_seconds") is not None
+            else "n/a"
+        ),
+    )
+    row(
+        "held-out NLL: model / linear",
+        "",
+        lambda r: f"{r['training']['holdout_nll']:.4f} / {r['training']['holdout_linear_nll']:.4f}",
+    )
+    lines += [
+        "",
+        "Commands: "
+        + ", ".join(f"`python benchmarks/scale.py --posts {r['posts']}`" for r in runs),
+    ]
+    RESULTS_MD.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--posts", type=int, action="append", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else []
+    for posts in args.posts:
+        record = measure(posts, args.seed)
+        runs = [r for r in runs if r["posts"] != posts] + [record]
+        RESULTS_JSON.write_text(json.dumps(runs, indent=1) + "\n")
+        write_md(runs)
+        print(json.dumps(record, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
