@@ -235,25 +235,31 @@ def _validation_nll(cfg, layout, params, data):
     return predictive_metrics(y, mu, sigma)["nll"], mu, sigma
 
 
-def test_warm_start_predicts_exactly_the_linear_fit_and_training_only_improves(tmp_path):
+def test_warm_start_predicts_exactly_the_additive_fit_and_training_only_improves(tmp_path):
     path = tmp_path / "m.parquet"
     _, layout = make_matrix(path, n=3000, seed=4)
     cfg = ModelConfig(**{**CONFIG.to_dict(), "mlp_widths": CONFIG.mlp_widths, "epochs": 3,
-                         "baseline_epochs": 4, "validation_fraction": 0.2})
+                         "baseline_min_steps": 60, "validation_fraction": 0.2})
     split = {"validation_fraction": 0.2}
     data = ParquetBatches(path, layout, cfg.batch_size, rows="train", shuffle_seed=0, **split)
     val = ParquetBatches(path, layout, 512, rows="validation", **split)
+    acfg = baseline_config(cfg, "additive")
+    additive = train(acfg, layout, data, log=lambda _: None, validation=val)
+    add_nll, add_mu, add_sigma = _validation_nll(acfg, layout, additive.params, val)
+    start = warm_start(init_params(cfg, layout), additive.params)
+    _, mu0, sigma0 = _validation_nll(cfg, layout, start, val)
+    np.testing.assert_allclose(mu0, add_mu, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sigma0, add_sigma, rtol=1e-4)
+    # The whole fit: its first validation score is the additive stage's (the same fit, as
+    # training is deterministic), the kept params are the best scored, and calibration only
+    # lowers that.
     model, linear = fit_with_baseline(cfg, layout, data, val, log=lambda _: None)
-    lin_nll, lin_mu, lin_sigma = _validation_nll(baseline_config(cfg), layout, linear.params, val)
-    start = warm_start(init_params(cfg, layout), linear.params)
-    nll0, mu0, sigma0 = _validation_nll(cfg, layout, start, val)
-    np.testing.assert_allclose(mu0, lin_mu, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(sigma0, lin_sigma, rtol=1e-4)
-    assert model.validation[0] == {"step": 0, "nll": pytest.approx(lin_nll, abs=1e-5)}
-    # The kept params are the best scored on validation, and calibration only lowers that.
+    assert model.validation[0] == {"step": 0, "nll": pytest.approx(add_nll, abs=1e-5)}
     best = min(v["nll"] for v in model.validation)
     assert model.best_step == min(model.validation, key=lambda v: v["nll"])["step"]
-    assert _validation_nll(cfg, layout, model.params, val)[0] <= best + 1e-5 <= lin_nll + 1e-5
+    assert _validation_nll(cfg, layout, model.params, val)[0] <= best + 1e-5 <= add_nll + 1e-5
+    # The baseline is a plain additive fit: no shrinkage parameters.
+    assert "shrink" not in linear.params and "shrink" in additive.params
 
 
 def test_early_stopping_stops_when_validation_stops_improving(tmp_path):

@@ -11,6 +11,7 @@ from dagster_duckdb import DuckDBResource
 
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.model import FeatureLayout
+from e6score_dagster.model.network import CATEGORY_CODES
 from e6score_dagster.resources import StateDir
 from e6score_dagster.schema import SITE_LAUNCH
 from e6score_dagster.store import (
@@ -64,6 +65,13 @@ class FeatureConfig(dg.Config):
     row_group_size: int = 65536
 
 
+# Each tag slot holds the vocabulary index (1 = most frequent tag) with the category in its
+# low 4 bits, so the model knows both a tag's rarity and its kind without a second column.
+TAG_CODE_SQL = (
+    f"tag_index * {CATEGORY_CODES} + least(greatest(category + 1, 0), {CATEGORY_CODES - 1})"
+)
+
+
 def holdout_sql(fraction: float, id_col: str = "c.id") -> str:
     """Knuth multiplicative hash of the id: the same post is held out in every dump."""
     return f"(({id_col}::HUGEINT * 2654435761) % 4294967296) < {fraction} * 4294967296"
@@ -87,7 +95,7 @@ def feature_sql(dump_date: str, config: FeatureConfig) -> str:
     ),
     a AS (
         SELECT id,
-               list(tag_index ORDER BY (category = 0), freq DESC, tag_index) AS tag_list,
+               list({TAG_CODE_SQL} ORDER BY (category = 0), freq DESC, tag_index) AS tag_list,
                count(*) FILTER (WHERE category = 1) AS n_artist,
                count(*) FILTER (WHERE category = 4) AS n_character,
                count(*) FILTER (WHERE category = 5) AS n_species,
@@ -132,7 +140,7 @@ def _layout(conn, matrix: Path, config: FeatureConfig) -> FeatureLayout:
         y_std=float(row[1] or 1.0) or 1.0,
         numeric_mean=tuple(means),
         numeric_std=tuple(stds),
-        extra={"holdout_fraction": config.holdout_fraction},
+        extra={"holdout_fraction": config.holdout_fraction, "tag_code": TAG_CODE_SQL},
     )
 
 
@@ -140,7 +148,7 @@ def _layout(conn, matrix: Path, config: FeatureConfig) -> FeatureLayout:
     group_name="features",
     deps=["cleaned_posts", "tag_vocabulary"],
     kinds={"duckdb", "parquet"},
-    code_version="1",
+    code_version="2",
     pool="duckdb",
     automation_condition=ON_NEW_DATA_VERSION,
     description="One row per cleaned post: id, log1p(fav_count), a fixed-width tag-index list, "

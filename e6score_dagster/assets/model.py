@@ -41,6 +41,7 @@ class TrainingConfig(dg.Config):
     """Run config for `fitted_params`; the defaults are ModelConfig's."""
 
     epochs: int = _DEFAULTS.epochs
+    min_steps: int = _DEFAULTS.min_steps
     batch_size: int = _DEFAULTS.batch_size
     learning_rate: float = _DEFAULTS.learning_rate
     weight_decay: float = _DEFAULTS.weight_decay
@@ -54,6 +55,7 @@ class TrainingConfig(dg.Config):
     grad_clip: float = _DEFAULTS.grad_clip
     seed: int = _DEFAULTS.seed
     baseline_epochs: int = _DEFAULTS.baseline_epochs
+    baseline_min_steps: int = _DEFAULTS.baseline_min_steps
     warm_start: bool = _DEFAULTS.warm_start
     validation_fraction: float = _DEFAULTS.validation_fraction
     evals_per_epoch: int = _DEFAULTS.evals_per_epoch

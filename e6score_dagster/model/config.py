@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ModelConfig:
-    epochs: int = 3
+    epochs: int = 1  # at most; early stopping on the validation slice decides
+    min_steps: int = 0
     batch_size: int = 2048
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
-    embed_dim: int = 32
+    embed_dim: int = 16
     hash_bits: int = 17  # 2**17 embedding rows shared by all tags through the probes
     num_probes: int = 2
     cross_layers: int = 2
@@ -28,10 +29,14 @@ class ModelConfig:
     validation_fraction: float = 0.05
     evals_per_epoch: int = 4
     patience: int = 3
-    architecture: str = "e6score"  # or "linear": the additive baseline the model must beat
-    # The linear baseline is fitted first (for at most `baseline_epochs`); with `warm_start`
-    # the model starts from it, so its deep part learns only what is not additive.
-    baseline_epochs: int = 3
+    architecture: str = "e6score"  # "linear": the baseline; "additive": the model's first stage
+    # Additive fits (the linear baseline; the model's additive stage, which adds per-category
+    # shrinkage of tag effects) run for `baseline_epochs`, or more on small data to reach
+    # `baseline_min_steps`. With `warm_start` the model's deep part then starts from the
+    # additive stage and learns only what is not additive; without it the whole model is
+    # fitted from scratch.
+    baseline_epochs: int = 1
+    baseline_min_steps: int = 1200
     warm_start: bool = True
 
     def to_dict(self) -> dict:

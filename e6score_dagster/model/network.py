@@ -28,6 +28,28 @@ def probe_buckets(tag_idx: jnp.ndarray, hash_bits: int, num_probes: int) -> jnp.
     return jnp.stack(rows, axis=-1).astype(jnp.int32)
 
 
+CATEGORY_CODES = 16  # a tag code is vocabulary index * 16 + (e621 category + 1); 0 = padding
+
+
+def tag_traits(tags: jnp.ndarray) -> jnp.ndarray:
+    """Per tag slot: one-hot category and log frequency rank, from the tag code."""
+    rank = jnp.log1p((tags // CATEGORY_CODES).astype(jnp.float32)) / 10.0
+    cat = jax.nn.one_hot(tags % CATEGORY_CODES, CATEGORY_CODES)
+    return jnp.concatenate([cat, rank[..., None], jnp.square(rank)[..., None]], axis=-1)
+
+
+class Shrinkage(nn.Module):
+    """A factor on each tag's additive effect, learned from the tag's category and rarity: a
+    rare general tag's estimate is mostly noise, a rare artist's much less (empirical-Bayes
+    shrinkage by group, which one ridge penalty for all tags cannot do). Exactly 1 at
+    initialisation, so a warm start keeps the fit it starts from."""
+
+    @nn.compact
+    def __call__(self, tags: jnp.ndarray) -> jnp.ndarray:
+        dense = nn.Dense(1, kernel_init=nn.initializers.zeros, name="factor")
+        return 1.0 + dense(tag_traits(tags))[..., 0]
+
+
 class TagEncoder(nn.Module):
     config: ModelConfig
 
@@ -51,7 +73,8 @@ class TagEncoder(nn.Module):
         count = jnp.maximum(emb_mask.sum(axis=1), 1.0)
         pooled = emb.sum(axis=1) / jnp.sqrt(count)
         # Additive per-tag effect: the wide (linear-in-tags) part of the model.
-        linear = (bias[rows].mean(axis=-1) * mask[..., 0]).sum(axis=1)
+        shrink = Shrinkage(name="shrink")(tags)
+        linear = (bias[rows].mean(axis=-1) * shrink * mask[..., 0]).sum(axis=1)
         return pooled, linear
 
 
@@ -98,6 +121,13 @@ class E6ScoreNet(nn.Module):
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
         cfg = self.config
         pooled, linear = TagEncoder(cfg, name="tags")(batch["tags"], train)
+        # Wide part: the linear baseline's terms. The deep part sees their sum (the additive
+        # prediction) as an input, so it can bend the link and set the scale by it, and only
+        # has to learn what is not additive.
+        wide = nn.Dense(1, kernel_init=nn.initializers.zeros, name="wide")(
+            metadata_features(batch, self.n_rating, self.n_ext, cfg.time_frequencies)
+        )[:, 0]
+        additive = linear + wide
         rating = nn.Embed(self.n_rating, 8, name="rating")(batch["rating"])
         ext = nn.Embed(self.n_ext, 8, name="ext")(batch["ext"])
         x0 = jnp.concatenate(
@@ -107,6 +137,7 @@ class E6ScoreNet(nn.Module):
                 ext,
                 batch["numeric"],
                 time_encoding(batch["t_years"], cfg.time_frequencies),
+                additive[:, None],
             ],
             axis=-1,
         )
@@ -118,12 +149,7 @@ class E6ScoreNet(nn.Module):
         for i, w in enumerate(cfg.mlp_widths):
             h = nn.gelu(nn.Dense(w, name=f"mlp_{i}")(h))
         out = nn.Dense(2, name="head", kernel_init=nn.initializers.zeros)(h)
-        # Wide part: the linear baseline's terms, so the deep part only has to learn what is
-        # not additive.
-        wide = nn.Dense(1, kernel_init=nn.initializers.zeros, name="wide")(
-            metadata_features(batch, self.n_rating, self.n_ext, cfg.time_frequencies)
-        )[:, 0]
-        mu = self.y_mean + self.y_std * (out[:, 0] + linear + wide)
+        mu = self.y_mean + self.y_std * (out[:, 0] + additive)
         sigma = self.y_std * (jax.nn.softplus(out[:, 1] + 0.5413) + 1e-3)  # softplus(.5413)=1
         return mu, calibrate(self, sigma)
 
@@ -134,14 +160,16 @@ def gaussian_nll(mu: jnp.ndarray, sigma: jnp.ndarray, y: jnp.ndarray) -> jnp.nda
 
 
 class LinearNet(nn.Module):
-    """The baseline: additive hashed tag effects plus a linear term in the other metadata,
-    with one homoscedastic scale. L2 comes from the optimiser's weight decay (ridge)."""
+    """Additive hashed tag effects plus a linear term in the other metadata, with one
+    homoscedastic scale; L2 from the optimiser's weight decay (ridge). Without `shrinkage` it
+    is the baseline; with it, the model's additive stage."""
 
     config: ModelConfig
     n_rating: int
     n_ext: int
     y_mean: float
     y_std: float
+    shrinkage: bool = False
 
     @nn.compact
     def __call__(
@@ -151,7 +179,10 @@ class LinearNet(nn.Module):
         rows = probe_buckets(batch["tags"], cfg.hash_bits, cfg.num_probes)
         mask = (batch["tags"] > 0).astype(jnp.float32)
         weight = self.param("tag_weight", nn.initializers.zeros, (2**cfg.hash_bits,))
-        tag_term = (weight[rows].mean(axis=-1) * mask).sum(axis=1)
+        tag_w = weight[rows].mean(axis=-1)
+        if self.shrinkage:
+            tag_w = tag_w * Shrinkage(name="shrink")(batch["tags"])
+        tag_term = (tag_w * mask).sum(axis=1)
         x = metadata_features(batch, self.n_rating, self.n_ext, cfg.time_frequencies)
         linear = nn.Dense(1, kernel_init=nn.initializers.zeros, name="linear")(x)[:, 0]
         mu = self.y_mean + self.y_std * (linear + tag_term)
@@ -160,15 +191,21 @@ class LinearNet(nn.Module):
         return mu, calibrate(self, sigma)
 
 
-def warm_start(params: dict, linear: dict) -> dict:
-    """E6ScoreNet params that predict exactly what the fitted LinearNet `linear` predicts: its
-    additive tag and metadata terms become the wide part, its scale the head's scale bias, and
-    the deep part starts at zero output. Training then only has to learn what the linear model
-    misses, and early stopping can never end worse than the linear fit on validation."""
+# The additive terms a warm start copies from the additive fit, and training then keeps fixed.
+WARM_FROZEN = (("tags", "bias"), ("tags", "shrink"), ("wide",))
+
+
+def warm_start(params: dict, additive: dict) -> dict:
+    """E6ScoreNet params that predict exactly what the fitted shrinkage LinearNet `additive`
+    predicts: its tag effects and shrinkage and its metadata terms become the wide part
+    (`WARM_FROZEN`), its scale the head's scale bias, and the deep part starts at zero output.
+    Training then learns only what the additive model misses (a residual fit), and early
+    stopping can never end worse than the additive fit on validation."""
     out = jax.tree_util.tree_map(np.array, params)
-    out["tags"]["bias"] = np.array(linear["tag_weight"])
-    out["wide"] = {k: np.array(v) for k, v in linear["linear"].items()}
-    scale = float(np.exp(linear["log_scale"] + linear["sigma_calibration"]))
+    out["tags"]["bias"] = np.array(additive["tag_weight"])
+    out["tags"]["shrink"] = jax.tree_util.tree_map(np.array, additive["shrink"])
+    out["wide"] = {k: np.array(v) for k, v in additive["linear"].items()}
+    scale = float(np.exp(additive["log_scale"] + additive["sigma_calibration"]))
     head_bias = np.array(out["head"]["bias"])
     head_bias[1] = math.log(math.expm1(max(scale - 1e-3, 1e-3))) - 0.5413
     out["head"]["bias"] = head_bias

@@ -16,24 +16,36 @@ import optax
 from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches
 from e6score_dagster.model.metrics import predictive_metrics
-from e6score_dagster.model.network import E6ScoreNet, LinearNet, gaussian_nll, warm_start
+from e6score_dagster.model.network import (
+    WARM_FROZEN,
+    E6ScoreNet,
+    LinearNet,
+    gaussian_nll,
+    warm_start,
+)
 
 MODEL_INPUTS = ("tags", "rating", "ext", "numeric", "t_years")
 Log = Callable[[str], None]
 
 
-ARCHITECTURES = {"e6score": E6ScoreNet, "linear": LinearNet}
+ARCHITECTURES = {
+    "e6score": (E6ScoreNet, {}),
+    "linear": (LinearNet, {}),
+    "additive": (LinearNet, {"shrinkage": True}),
+}
 
 
 def make_model(config: ModelConfig, layout: FeatureLayout) -> E6ScoreNet | LinearNet:
     if config.architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {config.architecture!r}")
-    return ARCHITECTURES[config.architecture](
+    cls, extra = ARCHITECTURES[config.architecture]
+    return cls(
         config=config,
         n_rating=layout.n_rating,
         n_ext=layout.n_ext,
         y_mean=layout.y_mean,
         y_std=layout.y_std,
+        **extra,
     )
 
 
@@ -70,14 +82,28 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def _optimizer(config: ModelConfig, total_steps: int) -> optax.GradientTransformation:
+def _optimizer(
+    config: ModelConfig, total_steps: int, frozen: tuple[tuple[str, ...], ...] = ()
+) -> optax.GradientTransformation:
+    """One-cycle AdamW; parameters under a `frozen` path prefix are never updated."""
     schedule = optax.cosine_onecycle_schedule(
         transition_steps=total_steps, peak_value=config.learning_rate, pct_start=0.25
     )
-    return optax.chain(
+    tx = optax.chain(
         optax.clip_by_global_norm(config.grad_clip),
         optax.adamw(schedule, weight_decay=config.weight_decay),
     )
+    if not frozen:
+        return tx
+
+    def labels(params):
+        def label(path, _):
+            keys = tuple(getattr(k, "key", str(k)) for k in path)
+            return "frozen" if any(keys[: len(f)] == f for f in frozen) else "train"
+
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def _train_step(model: E6ScoreNet | LinearNet, tx: optax.GradientTransformation) -> Callable:
@@ -157,24 +183,27 @@ def train(
     log_every_s: float = 10.0,
     validation: ParquetBatches | None = None,
     init: dict | None = None,
+    frozen: tuple[tuple[str, ...], ...] = (),
 ) -> TrainResult:
-    """Fit on `data`, starting from `init` if given. With `validation` rows: keep the params
-    that score best on them (the starting point included), stop early when they stop
-    improving, and calibrate sigma on them."""
+    """Fit on `data`, starting from `init` if given and never updating params under `frozen`
+    paths. With `validation` rows: keep the params that score best on them (the starting
+    point included), stop early when they stop improving, and calibrate sigma on them."""
     model = make_model(config, layout)
     fwd = _forward(model)
     steps_per_epoch = data.steps()
     if steps_per_epoch == 0:
         raise ValueError("no training rows in the feature matrix")
-    total = config.epochs * steps_per_epoch
-    tx = _optimizer(config, total)
+    # Small data needs more passes to converge: at least `min_steps` steps, in whole epochs.
+    epochs = max(config.epochs, -(-config.min_steps // steps_per_epoch))
+    total = epochs * steps_per_epoch
+    tx = _optimizer(config, total, frozen)
     params = init_params(config, layout) if init is None else init
     opt_state = tx.init(params)
     step = _train_step(model, tx)
     dropout_key = jax.random.PRNGKey(config.seed + 1)
 
     log(
-        f"training: {data.num_rows():,} posts, {config.epochs} epochs x {steps_per_epoch} steps "
+        f"training: {data.num_rows():,} posts, up to {epochs} epochs x {steps_per_epoch} steps "
         f"of {config.batch_size}"
     )
     history: list[dict] = []
@@ -192,7 +221,7 @@ def train(
     running, n_running, global_step = 0.0, 0, 0
     record_every = max(1, total // 200)
     stop = False
-    for epoch in range(config.epochs):
+    for epoch in range(epochs):
         if stop:
             break
         for batch in data.epoch(epoch):
@@ -257,8 +286,13 @@ def train(
     )
 
 
-def baseline_config(config: ModelConfig) -> ModelConfig:
-    return dataclasses.replace(config, architecture="linear", epochs=config.baseline_epochs)
+def baseline_config(config: ModelConfig, architecture: str = "linear") -> ModelConfig:
+    return dataclasses.replace(
+        config,
+        architecture=architecture,
+        epochs=config.baseline_epochs,
+        min_steps=config.baseline_min_steps,
+    )
 
 
 def fit_with_baseline(
@@ -268,15 +302,22 @@ def fit_with_baseline(
     validation: ParquetBatches | None = None,
     log: Log = print,
 ) -> tuple[TrainResult, TrainResult]:
-    """(model, linear baseline) fitted on the same rows: the baseline first, then the model,
-    warm-started from it when `config.warm_start`."""
+    """(model, linear baseline) fitted on the same rows. With `config.warm_start` the model is
+    fitted in two stages: an additive stage (the baseline's terms plus per-category shrinkage
+    of the tag effects), then the deep part on top of it, the additive terms frozen."""
     log("fitting the linear baseline")
     linear = train(baseline_config(config), layout, data, log, validation=validation)
     if config.architecture == "linear":
         return linear, linear
-    init = warm_start(init_params(config, layout), linear.params) if config.warm_start else None
-    log("fitting the model" + (", starting from the linear baseline" if init else ""))
-    return train(config, layout, data, log, validation=validation, init=init), linear
+    if not config.warm_start:
+        log("fitting the model from scratch")
+        return train(config, layout, data, log, validation=validation), linear
+    log("fitting the additive stage: tag effects shrunk by category and rarity")
+    additive = train(baseline_config(config, "additive"), layout, data, log, validation=validation)
+    log("fitting the deep part on top of the additive stage")
+    init = warm_start(init_params(config, layout), additive.params)
+    model = train(config, layout, data, log, validation=validation, init=init, frozen=WARM_FROZEN)
+    return model, linear
 
 
 def predict(
