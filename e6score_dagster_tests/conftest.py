@@ -17,8 +17,13 @@ from e6score_dagster.schema import POSTS_COLUMNS, TAGS_COLUMNS
 from e6score_dagster.synthetic import generate_dump
 
 DUMP_DATE = "2026-11-20"
-# Small enough for CI, big enough that the model has something to learn.
-FAST_TRAINING = {"epochs": 4, "batch_size": 256, "hash_bits": 12, "mlp_widths": [32]}
+# Short fits for the orchestration tests. On a 3,000-post dump a fully converged additive fit
+# and the model tie within noise, so the blocking `beats_baselines` gate would be a coin flip:
+# here the additive fits get a short budget (`baseline_min_steps`) and the deep stage's extra
+# epochs carry the model past the baseline. Model quality itself is measured at 100k and 1M
+# posts by benchmarks/quality.py; the gate's behaviour is tested with a broken model.
+FAST_TRAINING = {"epochs": 4, "batch_size": 256, "hash_bits": 12, "mlp_widths": [32],
+                 "baseline_min_steps": 100}
 
 
 @pytest.fixture(scope="session")

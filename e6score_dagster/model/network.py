@@ -47,7 +47,7 @@ class Shrinkage(nn.Module):
     @nn.compact
     def __call__(self, tags: jnp.ndarray) -> jnp.ndarray:
         dense = nn.Dense(1, kernel_init=nn.initializers.zeros, name="factor")
-        return 1.0 + dense(tag_traits(tags))[..., 0]
+        return 2.0 * jax.nn.sigmoid(dense(tag_traits(tags))[..., 0])  # in (0, 2)
 
 
 class TagEncoder(nn.Module):

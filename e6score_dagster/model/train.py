@@ -24,6 +24,7 @@ from e6score_dagster.model.network import (
     warm_start,
 )
 
+MIN_EVAL_STEPS = 25
 MODEL_INPUTS = ("tags", "rating", "ext", "numeric", "t_years")
 Log = Callable[[str], None]
 
@@ -209,7 +210,8 @@ def train(
     history: list[dict] = []
     val_curve: list[dict] = []
     has_val = validation is not None and validation.num_rows() > 0
-    eval_every = max(1, steps_per_epoch // max(1, config.evals_per_epoch))
+    # Scored a few times per epoch, but not so often that a tiny slice's noise stops the run.
+    eval_every = max(MIN_EVAL_STEPS, steps_per_epoch // max(1, config.evals_per_epoch))
     best = (math.inf, 0, None)  # (nll, step, params)
     stale = 0
     if has_val and init is not None:
