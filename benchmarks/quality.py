@@ -103,11 +103,15 @@ def write_md(runs: list[dict]) -> None:
             "| | " + " | ".join(METRICS) + " |",
             "|---|" + "---|" * len(METRICS),
         ]
-        for name, prefix in (("model", ""), ("linear baseline", "linear_"),
-                             ("constant log-normal", "constant_")):
-            vals = " | ".join(
-                f"{m[prefix + k]:.4f}" if prefix + k in m else "n/a" for k in METRICS
-            )
+        for name, prefix in (
+            ("model", ""),
+            ("model's additive stage alone", "additive_"),
+            ("linear baseline", "linear_"),
+            ("constant log-normal", "constant_"),
+        ):
+            if prefix and f"{prefix}nll" not in m:
+                continue
+            vals = " | ".join(f"{m[prefix + k]:.4f}" if prefix + k in m else "n/a" for k in METRICS)
             lines.append(f"| {name} | {vals} |")
         q = r["quality_spearman"]
         if not r.get("gate_passed", True):

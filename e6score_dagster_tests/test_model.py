@@ -253,13 +253,17 @@ def test_warm_start_predicts_exactly_the_additive_fit_and_training_only_improves
     # The whole fit: its first validation score is the additive stage's (the same fit, as
     # training is deterministic), the kept params are the best scored, and calibration only
     # lowers that.
-    model, linear = fit_with_baseline(cfg, layout, data, val, log=lambda _: None)
+    fits = fit_with_baseline(cfg, layout, data, val, log=lambda _: None)
+    model, linear = fits.model, fits.linear
     assert model.validation[0] == {"step": 0, "nll": pytest.approx(add_nll, abs=1e-5)}
     best = min(v["nll"] for v in model.validation)
     assert model.best_step == min(model.validation, key=lambda v: v["nll"])["step"]
     assert _validation_nll(cfg, layout, model.params, val)[0] <= best + 1e-5 <= add_nll + 1e-5
     # The baseline is a plain additive fit: no shrinkage parameters.
-    assert "shrink" not in linear.params and "shrink" in additive.params
+    assert "shrink" not in linear.params and "shrink" in fits.additive.params
+    assert serialization.to_bytes(fits.additive.params) == serialization.to_bytes(
+        additive.params
+    )
 
 
 def test_early_stopping_stops_when_validation_stops_improving(tmp_path):

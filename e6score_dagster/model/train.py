@@ -297,29 +297,37 @@ def baseline_config(config: ModelConfig, architecture: str = "linear") -> ModelC
     )
 
 
+@dataclass
+class Fits:
+    model: TrainResult
+    linear: TrainResult  # the baseline
+    additive: TrainResult | None = None  # the model's first stage, when fitted in stages
+
+
 def fit_with_baseline(
     config: ModelConfig,
     layout: FeatureLayout,
     data: ParquetBatches,
     validation: ParquetBatches | None = None,
     log: Log = print,
-) -> tuple[TrainResult, TrainResult]:
-    """(model, linear baseline) fitted on the same rows. With `config.warm_start` the model is
-    fitted in two stages: an additive stage (the baseline's terms plus per-category shrinkage
-    of the tag effects), then the deep part on top of it, the additive terms frozen."""
+) -> Fits:
+    """The model and the linear baseline, fitted on the same rows. With `config.warm_start`
+    the model is fitted in two stages: an additive stage (the baseline's terms plus
+    per-category shrinkage of the tag effects), then the deep part on top of it, the additive
+    terms frozen."""
     log("fitting the linear baseline")
     linear = train(baseline_config(config), layout, data, log, validation=validation)
     if config.architecture == "linear":
-        return linear, linear
+        return Fits(linear, linear)
     if not config.warm_start:
         log("fitting the model from scratch")
-        return train(config, layout, data, log, validation=validation), linear
+        return Fits(train(config, layout, data, log, validation=validation), linear)
     log("fitting the additive stage: tag effects shrunk by category and rarity")
     additive = train(baseline_config(config, "additive"), layout, data, log, validation=validation)
     log("fitting the deep part on top of the additive stage")
     init = warm_start(init_params(config, layout), additive.params)
     model = train(config, layout, data, log, validation=validation, init=init, frozen=WARM_FROZEN)
-    return model, linear
+    return Fits(model, linear, additive)
 
 
 def predict(
