@@ -176,6 +176,7 @@ def fitted_params(
             "best_step": dg.MetadataValue.int(result.best_step),
             "sigma_calibration": round(result.sigma_calibration, 4),
             "train_seconds": round(result.seconds, 2),
+            "validation_seconds": round(result.eval_seconds, 2),
             "stage_seconds": dg.MetadataValue.json(
                 {
                     "linear": round(fits.linear.seconds, 2),

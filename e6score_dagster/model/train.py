@@ -70,13 +70,14 @@ def init_params(config: ModelConfig, layout: FeatureLayout) -> dict:
 class TrainResult:
     params: dict
     steps: int
-    seconds: float
+    seconds: float  # optimisation only; scoring the validation slice is in eval_seconds
     data_wait_seconds: float
     posts_per_second: float
     history: list[dict] = field(default_factory=list)  # {"step", "epoch", "loss"}
     validation: list[dict] = field(default_factory=list)  # {"step", "nll"}
     best_step: int = 0
     sigma_calibration: float = 1.0  # the factor fitted on the validation slice
+    eval_seconds: float = 0.0
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -220,6 +221,8 @@ def train(
         best = (nll, 0, jax.device_get(params))
     t_start = time.perf_counter()
     t_log = t_start
+    wait_start = data.wait_seconds  # the loader may be shared by several fits
+    eval_seconds = 0.0
     running, n_running, global_step = 0.0, 0, 0
     record_every = max(1, total // 200)
     stop = False
@@ -243,19 +246,21 @@ def train(
                 history.append({"step": global_step, "epoch": epoch, "loss": running / n_running})
             now = time.perf_counter()
             if now - t_log >= log_every_s or global_step == total:
-                elapsed = now - t_start
+                elapsed = now - t_start - eval_seconds
                 rate = global_step * config.batch_size / elapsed
                 eta = (total - global_step) * elapsed / global_step
+                wait = (data.wait_seconds - wait_start) / elapsed
                 log(
                     f"step {global_step}/{total} epoch {epoch + 1} loss {running / n_running:.4f} "
-                    f"{rate:,.0f} posts/s, data wait {data.wait_seconds / elapsed:.0%}, "
-                    f"ETA {eta:.0f}s"
+                    f"{rate:,.0f} posts/s, data wait {wait:.0%}, ETA {eta:.0f}s"
                 )
                 t_log = now
             if global_step % record_every == 0:
                 running, n_running = 0.0, 0
             if has_val and (global_step % eval_every == 0 or global_step == total):
+                t_eval = time.perf_counter()
                 nll = _nll(*_predict(fwd, params, validation))
+                eval_seconds += time.perf_counter() - t_eval
                 val_curve.append({"step": global_step, "nll": nll})
                 if nll < best[0]:
                     best, stale = (nll, global_step, jax.device_get(params)), 0
@@ -268,7 +273,7 @@ def train(
                     )
                     stop = True
                     break
-    seconds = time.perf_counter() - t_start
+    seconds = time.perf_counter() - t_start - eval_seconds
     final = jax.device_get(params) if best[2] is None else best[2]
     factor = 1.0
     if has_val:
@@ -279,12 +284,13 @@ def train(
         params=final,
         steps=global_step,
         seconds=seconds,
-        data_wait_seconds=data.wait_seconds,
+        data_wait_seconds=data.wait_seconds - wait_start,
         posts_per_second=global_step * config.batch_size / seconds,
         history=history,
         validation=val_curve,
         best_step=best[1] if best[2] is not None else global_step,
         sigma_calibration=factor,
+        eval_seconds=eval_seconds,
     )
 
 
