@@ -93,14 +93,15 @@ CASE
 END
 """
 
-CLEAN_COLUMNS = ", ".join([*POSTS_COLUMNS, "tags"])
+STAGED = "cleaned_posts__next"  # becomes cleaned_posts by a rename, inside the transaction
+EXTRA_COLUMNS = ("id_raw", "fav_count_raw", "created_at_raw", "reason")
 
 
 @dg.asset(
     group_name="ingest",
     deps=["raw_dump"],
     kinds={"duckdb"},
-    code_version="1",
+    code_version="2",
     pool="duckdb",
     automation_condition=ON_NEW_DATA_VERSION,
     description="Posts of the current dump as typed DuckDB rows (timestamps, booleans, a tag "
@@ -125,26 +126,29 @@ def cleaned_posts(
         except DumpFormatError as exc:
             raise dg.Failure(description=str(exc)) from exc
         context.log.info(f"reading posts of {dump_date} from {dump['posts']}")
+        # One pass from the CSV into the table that becomes cleaned_posts (writing the table
+        # dominates the step's time, so it is written once, not staged and then copied).
         with query_progress(conn, context.log.info, "parsing posts"):
             conn.execute(
-                f"CREATE OR REPLACE TEMP TABLE staged AS SELECT {TYPED_COLUMNS} "
-                f"FROM {read_csv_sql(posts, header, 'posts_rejects')}"
+                f"CREATE OR REPLACE TABLE {STAGED} AS SELECT *, {REJECT_REASON} AS reason "
+                f"FROM (SELECT {TYPED_COLUMNS} "
+                f"FROM {read_csv_sql(posts, header, 'posts_rejects')})"
             )
-        conn.execute("ALTER TABLE staged ADD COLUMN reason VARCHAR")
-        conn.execute(f"UPDATE staged SET reason = {REJECT_REASON}")
         # Duplicate ids: keep the newest edit of the post, reject the others by name.
         conn.execute(
-            """
-            UPDATE staged SET reason = 'duplicate id (the row with the newest change_seq was kept)'
+            f"""
+            UPDATE {STAGED}
+            SET reason = 'duplicate id (the row with the newest change_seq was kept)'
             WHERE rowid IN (
                 SELECT rid FROM (
                     SELECT s.rowid AS rid, row_number() OVER (
                         PARTITION BY s.id
                         ORDER BY s.change_seq DESC NULLS LAST, s.updated_at DESC NULLS LAST, s.rowid
                     ) AS rn
-                    FROM staged s
+                    FROM {STAGED} s
                     WHERE s.reason IS NULL AND s.id IN (
-                        SELECT id FROM staged WHERE reason IS NULL GROUP BY id HAVING count(*) > 1
+                        SELECT id FROM {STAGED} WHERE reason IS NULL
+                        GROUP BY id HAVING count(*) > 1
                     )
                 ) WHERE rn > 1
             )
@@ -153,10 +157,6 @@ def cleaned_posts(
         t_parse = time.perf_counter() - t0
         csv_rejected = conn.execute(csv_rejects_count_sql("posts_rejects")).fetchone()[0]
         with transaction(conn):
-            conn.execute(
-                f"CREATE OR REPLACE TABLE cleaned_posts AS SELECT {CLEAN_COLUMNS} "
-                "FROM staged WHERE reason IS NULL"
-            )
             conn.execute(
                 f"""
                 CREATE OR REPLACE TABLE rejected_rows AS
@@ -168,9 +168,14 @@ def cleaned_posts(
                 UNION ALL
                 SELECT DATE '{dump_date}', 'posts', 'typing', NULL, left(id_raw, 64), reason,
                        left(concat_ws(',', id_raw, created_at_raw, rating, fav_count_raw), 4096)
-                FROM staged WHERE reason IS NOT NULL
+                FROM {STAGED} WHERE reason IS NOT NULL
                 """
             )
+            conn.execute(f"DELETE FROM {STAGED} WHERE reason IS NOT NULL")
+            for col in EXTRA_COLUMNS:
+                conn.execute(f"ALTER TABLE {STAGED} DROP COLUMN {col}")
+            conn.execute("DROP TABLE IF EXISTS cleaned_posts")
+            conn.execute(f"ALTER TABLE {STAGED} RENAME TO cleaned_posts")
             counts = conn.execute(
                 "SELECT (SELECT count(*) FROM cleaned_posts), (SELECT count(*) FROM rejected_rows)"
             ).fetchone()
@@ -192,7 +197,6 @@ def cleaned_posts(
             "GROUP BY r ORDER BY 2 DESC LIMIT 20"
         ).fetchall()
         meta = table_metadata(conn, "cleaned_posts")
-        conn.execute("DROP TABLE IF EXISTS staged")
     total = n_clean + n_rejected
     if n_rejected:
         context.log.warning(f"{n_rejected} of {total} rows rejected: see table rejected_rows")
