@@ -148,6 +148,30 @@ def write_md(runs: list[dict]) -> None:
             f"| raw fav_count | {q['fav_count_all']:.4f} | {q['fav_count_holdout']:.4f} |",
             "",
         ]
+    trial = HERE / "tag_embeddings_trial.json"
+    if trial.exists():
+        lines += [
+            "## Tag embeddings from co-occurrence (trial, not kept)",
+            "",
+            "`python benchmarks/tag_embeddings_trial.py HOME` starts the deep stage's tag",
+            "embeddings from PPMI of tag co-occurrence factorised by truncated SVD (as in",
+            "e6graph) instead of random, on top of the same additive stage:",
+            "",
+            "| posts | held-out NLL, random | PPMI-SVD | gain | PPMI + SVD time |",
+            "|---|---|---|---|---|",
+        ]
+        for t in sorted(json.loads(trial.read_text()), key=lambda t: t["posts"]):
+            lines.append(
+                f"| {t['posts']:,} | {t['random']['nll']:.4f} | {t['ppmi']['nll']:.4f} "
+                f"| {t['nll_gain_from_ppmi']:+.4f} | {t['ppmi_seconds']:.0f} s |"
+            )
+        lines += [
+            "",
+            "No gain (the deep stage learns the embeddings it needs within its one epoch), "
+            "for minutes of extra work and over 10 GB of memory at 1M posts, so there is no "
+            "`tag_embeddings` asset.",
+            "",
+        ]
     RESULTS_MD.write_text("\n".join(lines))
 
 
