@@ -96,6 +96,39 @@ def latest_metadata(dagster_home: Path, asset: str) -> dict:
     return {k: getattr(v, "value", v) for k, v in meta.items()}
 
 
+def run_env(home: Path, source: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "E6SCORE_HOME": str(home),
+        "E6SCORE_DUMP_SOURCE": str(source),
+        "DAGSTER_HOME": str(home / "dagster_home"),
+    }
+
+
+def scan_seconds(source: Path) -> float:
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        return bare_scan_seconds(source / f"posts-{DATE}.csv.gz", Path(tmp))
+
+
+def run_step(name: str, env: dict[str, str], home: Path) -> dict:
+    """One asset in its own `dagster asset materialize` process, under /usr/bin/time -v."""
+    cmd = ["dagster", "asset", "materialize", "-m", "e6score_dagster", "--select", name]
+    run = time_v(cmd, env, home / f"{name}.log")
+    return {
+        "process_wall_s": run["wall_s"],
+        "step_s": run["steps_s"].get(name, float("nan")),
+        "peak_rss_mb": run["peak_rss_mb"],
+    }
+
+
+def chain_totals(steps: dict[str, dict]) -> dict:
+    return {
+        "chain_step_s": round(sum(s["step_s"] for s in steps.values()), 1),
+        "chain_process_s": round(sum(s["process_wall_s"] for s in steps.values()), 1),
+        "max_step_rss_mb": max(s["peak_rss_mb"] for s in steps.values()),
+    }
+
+
 def measure(posts: int, seed: int) -> dict:
     source = ensure_dump(posts, seed)
     label = f"{posts:,} posts"
@@ -103,24 +136,12 @@ def measure(posts: int, seed: int) -> dict:
     shutil.rmtree(home, ignore_errors=True)
     dagster_home = home / "dagster_home"
     dagster_home.mkdir(parents=True)
-    env = {
-        **os.environ,
-        "E6SCORE_HOME": str(home),
-        "E6SCORE_DUMP_SOURCE": str(source),
-        "DAGSTER_HOME": str(dagster_home),
-    }
-    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
-        scan_s = bare_scan_seconds(source / f"posts-{DATE}.csv.gz", Path(tmp))
+    env = run_env(home, source)
+    scan_s = scan_seconds(source)
     steps = {}
     for asset in PIPELINE:
         name = asset.key.to_user_string()
-        cmd = ["dagster", "asset", "materialize", "-m", "e6score_dagster", "--select", name]
-        run = time_v(cmd, env, home / f"{name}.log")
-        steps[name] = {
-            "process_wall_s": run["wall_s"],
-            "step_s": run["steps_s"].get(name, float("nan")),
-            "peak_rss_mb": run["peak_rss_mb"],
-        }
+        steps[name] = run_step(name, env, home)
         print(f"{label}: {name} {steps[name]}", flush=True)
     train_meta = latest_metadata(dagster_home, "fitted_params")
     score_meta = latest_metadata(dagster_home, "scored_posts")
@@ -136,9 +157,7 @@ def measure(posts: int, seed: int) -> dict:
         "dump_bytes": sum(f.stat().st_size for f in source.glob(f"*-{DATE}.csv.gz")),
         "bare_scan_s": round(scan_s, 2),
         "steps": steps,
-        "chain_step_s": round(sum(s["step_s"] for s in steps.values()), 1),
-        "chain_process_s": round(sum(s["process_wall_s"] for s in steps.values()), 1),
-        "max_step_rss_mb": max(s["peak_rss_mb"] for s in steps.values()),
+        **chain_totals(steps),
         "training": {
             "posts_per_second": train_meta["posts_per_second"],
             "data_wait_share": train_meta["data_wait_share"],
@@ -313,30 +332,13 @@ def remeasure(record: dict, names: list[str]) -> dict:
     the bare scan again, and updates the record's figures."""
     home = WORK / f"scale-{record['posts']}-s{record['seed']}"
     source = Path(record["source"])
-    env = {
-        **os.environ,
-        "E6SCORE_HOME": str(home),
-        "E6SCORE_DUMP_SOURCE": str(source),
-        "DAGSTER_HOME": str(home / "dagster_home"),
-    }
-    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
-        record["bare_scan_s"] = round(
-            bare_scan_seconds(source / f"posts-{DATE}.csv.gz", Path(tmp)), 2
-        )
+    env = run_env(home, source)
+    record["bare_scan_s"] = round(scan_seconds(source), 2)
     for name in names:
-        cmd = ["dagster", "asset", "materialize", "-m", "e6score_dagster", "--select", name]
-        run = time_v(cmd, env, home / f"{name}.log")
-        record["steps"][name] = {
-            "process_wall_s": run["wall_s"],
-            "step_s": run["steps_s"].get(name, float("nan")),
-            "peak_rss_mb": run["peak_rss_mb"],
-            "remeasured": time.strftime("%Y-%m-%d %H:%M"),
-        }
+        step = run_step(name, env, home)
+        record["steps"][name] = {**step, "remeasured": time.strftime("%Y-%m-%d %H:%M")}
         print(f"{record['label']}: {name} {record['steps'][name]}", flush=True)
-    steps = record["steps"].values()
-    record["chain_step_s"] = round(sum(s["step_s"] for s in steps), 1)
-    record["chain_process_s"] = round(sum(s["process_wall_s"] for s in steps), 1)
-    record["max_step_rss_mb"] = max(s["peak_rss_mb"] for s in steps)
+    record.update(chain_totals(record["steps"]))
     return record
 
 

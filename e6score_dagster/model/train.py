@@ -54,15 +54,21 @@ def model_inputs(batch: Batch) -> dict[str, np.ndarray]:
     return {k: batch[k] for k in MODEL_INPUTS}
 
 
-def init_params(config: ModelConfig, layout: FeatureLayout) -> dict:
-    b = 2
-    dummy = {
+def _zero_batch(layout: FeatureLayout, b: int) -> Batch:
+    """A batch of `b` all-zero posts with the layout's shapes (for init and compilation)."""
+    return {
         "tags": np.zeros((b, layout.max_tags), np.int32),
         "rating": np.zeros(b, np.int32),
         "ext": np.zeros(b, np.int32),
         "numeric": np.zeros((b, len(layout.numeric)), np.float32),
         "t_years": np.zeros(b, np.float32),
+        "y": np.zeros(b, np.float32),
+        "weight": np.ones(b, np.float32),
     }
+
+
+def init_params(config: ModelConfig, layout: FeatureLayout) -> dict:
+    dummy = model_inputs(_zero_batch(layout, 2))
     return make_model(config, layout).init(jax.random.PRNGKey(config.seed), dummy)["params"]
 
 
@@ -131,16 +137,7 @@ def train_step_flops(config: ModelConfig, layout: FeatureLayout) -> float:
     model = make_model(config, layout)
     tx = _optimizer(config, 1)
     params = init_params(config, layout)
-    b = config.batch_size
-    batch = {
-        "tags": np.zeros((b, layout.max_tags), np.int32),
-        "rating": np.zeros(b, np.int32),
-        "ext": np.zeros(b, np.int32),
-        "numeric": np.zeros((b, len(layout.numeric)), np.float32),
-        "t_years": np.zeros(b, np.float32),
-        "y": np.zeros(b, np.float32),
-        "weight": np.ones(b, np.float32),
-    }
+    batch = _zero_batch(layout, config.batch_size)
     key = jax.random.PRNGKey(0)
     compiled = _train_step(model, tx).lower(params, tx.init(params), batch, key).compile()
     cost = compiled.cost_analysis()
