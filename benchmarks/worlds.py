@@ -149,28 +149,44 @@ def _calibration(live: pd.DataFrame) -> dict:
     return out
 
 
-def measure(world: str, posts: int, seed: int) -> dict:
+def measure(world: str, posts: int, seed: int, rerun: bool = True) -> dict:
+    """Run the pipeline on the world's dump (or, with rerun=False, re-read the last run)."""
     source = ensure_dump(world, posts, seed)
     home = WORK / f"worlds-home-{world}-{posts}-s{seed}"
-    shutil.rmtree(home, ignore_errors=True)
-    ok, seconds, log = run_pipeline(source, home)
+    run_file = home.with_suffix(".run.json")
+    if rerun or not run_file.exists():
+        shutil.rmtree(home, ignore_errors=True)
+        ok, seconds, log = run_pipeline(source, home)
+        run_file.write_text(json.dumps({"ok": ok, "seconds": seconds, "when": time.time()}))
+    run = json.loads(run_file.read_text())
+    ok, log = run["ok"], home.with_suffix(".log")
     record: dict = {
         "world": world,
         "posts": posts,
         "seed": seed,
-        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "when": time.strftime("%Y-%m-%d %H:%M", time.localtime(run["when"])),
         "pipeline_ok": ok,
-        "seconds": round(seconds, 1),
+        "seconds": round(run["seconds"], 1),
     }
     if not ok:
-        tail = log.read_text().strip().splitlines()[-3:]
-        record["failure"] = " | ".join(re.sub(r"\s+", " ", t)[:200] for t in tail)
+        text = log.read_text()
+        checks = sorted(set(re.findall(r"Asset check '(\w+)' on '(\w+)' did not pass", text)))
+        tail = text.strip().splitlines()[-2:]
+        record["failure"] = (
+            "blocking check failed: " + ", ".join(f"{a}.{c}" for c, a in checks)
+            if checks
+            else " | ".join(re.sub(r"\s+", " ", t)[:200] for t in tail)
+        )
     truth = pd.read_parquet(source / f"truth-{DATE}.parquet")
     db = home / "e6score.duckdb"
     if not db.exists():
         return record
     with duckdb.connect(str(db), read_only=True) as conn:
         meta = _params_meta(conn, home)
+        try:
+            cleaned = conn.execute("SELECT id, fav_count, is_deleted FROM cleaned_posts").df()
+        except duckdb.Error:
+            cleaned = pd.DataFrame()
         try:
             scored = conn.execute(
                 "SELECT id, fav_count, fav_score, pred_log_mean, pred_log_scale, rating, "
@@ -183,6 +199,15 @@ def measure(world: str, posts: int, seed: int) -> dict:
     record["published"] = meta.get("published", True) and bool(meta)
     record["reported_holdout_nll"] = meta.get("metrics", {}).get("nll")
     record["scored_fraction"] = len(scored) / len(truth)
+    record["candidates_nll"] = _candidates(meta)
+    if not cleaned.empty:  # the oracle on the pipeline's hold-out posts, scored or not
+        held = cleaned[~cleaned["is_deleted"].astype(bool)].merge(truth, on="id")
+        held = held[holdout_mask(held["id"].to_numpy())]
+        y = np.log1p(held["fav_count"].to_numpy())
+        record["holdout_posts"] = int(len(held))
+        record["oracle_nll"] = gaussian_nll(
+            y, held["oracle_mean"].to_numpy(), held["oracle_sd"].to_numpy()
+        )
     if scored.empty:
         return record
     df = scored.merge(truth, on="id")
@@ -199,7 +224,6 @@ def measure(world: str, posts: int, seed: int) -> dict:
         "model_nll": model_nll,
         "oracle_nll": oracle_nll,
         "nll_gap_pct": 100.0 * (model_nll - oracle_nll) / abs(oracle_nll),
-        "candidates_nll": _candidates(meta),
         "spearman_model": sp_model,
         "spearman_oracle": sp_oracle,
         "spearman_ratio": sp_model / sp_oracle,
@@ -219,23 +243,36 @@ def _f(x: float | None, fmt: str = "{:.3f}") -> str:
     return "n/a" if x is None else fmt.format(x)
 
 
+def _gaps(r: dict) -> str:
+    if "oracle_nll" not in r:
+        return ""
+    return ", ".join(
+        f"{name} {100 * (nll - r['oracle_nll']) / abs(r['oracle_nll']):+.1f}%"
+        for name, nll in r.get("candidates_nll", {}).items()
+    )
+
+
 def _run_row(r: dict) -> str:
     if "model_nll" not in r:
         why = r.get("failure", "no scores")
+        fit = r.get("reported_holdout_nll")
+        unpublished = ""
+        if fit is not None and "oracle_nll" in r:
+            gap = 100 * (fit - r["oracle_nll"]) / abs(r["oracle_nll"])
+            unpublished = f"{fit:.4f} (unpublished) | {r['oracle_nll']:.4f} | {gap:+.1f}%"
+        else:
+            unpublished = "no fit | | "
         return (
             f"| {r['world']} | {r['posts']:,} | {_f(r.get('scored_fraction'), '{:.0%}')} "
-            f"| no scores | | | | | | | {r.get('chosen_candidate') or 'n/a'} "
-            f"| {r['seconds']:.0f} | {why[:80]} |"
+            f"| {unpublished} | no scores: {why[:90]} | | | | "
+            f"{r.get('chosen_candidate') or 'n/a'} | {r['seconds']:.0f} | {_gaps(r)} |"
         )
     cal = r["calibration"]
     ages = " / ".join(_f(cal["age"][name]["mean"], "{:.2f}") for _, _, name in AGE_BUCKETS)
     groups = [v["mean"] for col in ("rating", "file_ext") for v in cal[col].values()]
     worst_group = max((abs(m - 0.5) for m in groups), default=0.0)
     worst_decile = max(abs(d - 0.1) for d in r["decile_shares"])
-    gaps = ", ".join(
-        f"{name} {100 * (nll - r['oracle_nll']) / abs(r['oracle_nll']):+.1f}%"
-        for name, nll in r["candidates_nll"].items()
-    )
+    gaps = _gaps(r)
     return (
         f"| {r['world']} | {r['posts']:,} | {r['scored_fraction']:.0%} "
         f"| {r['model_nll']:.4f} | {r['oracle_nll']:.4f} | {r['nll_gap_pct']:+.1f}% "
@@ -347,17 +384,19 @@ def main() -> None:
     ap.add_argument("--posts", type=int, nargs="+", default=[20_000])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--oracle-only", action="store_true", help="no pipeline runs")
+    ap.add_argument(
+        "--reread", action="store_true", help="re-read the last runs' homes instead of running"
+    )
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
     key = "oracle_only" if args.oracle_only else "runs"
     for posts in args.posts:
         for world in args.worlds:
-            record = (
-                oracle_only(world, posts, args.seed)
-                if args.oracle_only
-                else measure(world, posts, args.seed)
-            )
+            if args.oracle_only:
+                record = oracle_only(world, posts, args.seed)
+            else:
+                record = measure(world, posts, args.seed, rerun=not args.reread)
             same = (world, posts, args.seed)
             rows = [r for r in results.get(key, []) if (r["world"], r["posts"], r["seed"]) != same]
             results[key] = [*rows, record]
