@@ -25,6 +25,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import DATE, HERE, WORK, ensure_dump  # noqa: E402
+from worlds import BEGIN, END, replace_section  # noqa: E402
 
 from e6score_dagster.model import load_params  # noqa: E402
 from e6score_dagster.store import read_lineage  # noqa: E402
@@ -172,7 +173,12 @@ def write_md(runs: list[dict]) -> None:
             "`tag_embeddings` asset.",
             "",
         ]
-    RESULTS_MD.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    previous = RESULTS_MD.read_text() if RESULTS_MD.exists() else ""
+    if BEGIN in previous and END in previous:  # keep benchmarks/worlds.py's section
+        section = BEGIN + previous.split(BEGIN, 1)[1].split(END, 1)[0] + END + "\n"
+        text = replace_section(text, section)
+    RESULTS_MD.write_text(text)
 
 
 def main() -> None:

@@ -339,6 +339,8 @@ def worlds_markdown(results: dict) -> str:
         f"The held-back world `{HELD_BACK_WORLD}` was chosen before any tuning: never tune on",
         "it; it is listed apart below.",
         "",
+        *(f"- `{w.name}`: {w.summary}" for w in WORLDS.values()),
+        "",
     ]
     if oracle:
         lines += ["### Oracle only (no pipeline run)", ""]
