@@ -17,8 +17,8 @@ from e6score_dagster.synthetic.names import (
 from e6score_dagster.synthetic.process import TREND_CENTRE_YEARS, draw_effects
 from e6score_dagster.synthetic.worlds import World, get_world
 
-# Per tag category: share of the vocabulary, Zipf offset (flattens the
-# head: no single artist owns 8% of the site), and per-post count distribution (see _tag_counts).
+# Per tag category: share of the vocabulary, Zipf offset (flattens the head: no single artist
+# owns 8% of the site), and per-post count distribution (see _tag_counts). Effect scales: World.
 CATEGORY_SHARE = {0: 0.45, 1: 0.30, 3: 0.05, 4: 0.14, 5: 0.04, 7: 0.01, 8: 0.01}
 CATEGORY_ZIPF_OFFSET = {0: 2.0, 1: 60.0, 3: 3.0, 4: 25.0, 5: 1.0, 7: 1.0, 8: 3.0}
 assert set(CATEGORY_SHARE) <= set(TAG_CATEGORIES)  # no "invalid" (6) tags are generated
