@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from e6score_dagster.definitions import CHECKS, PIPELINE
+from e6score_dagster.definitions import PIPELINE
 from e6score_dagster.resources import make_resources
 from e6score_dagster.schema import POSTS_COLUMNS, TAGS_COLUMNS
 from e6score_dagster.synthetic import generate_dump
@@ -42,9 +42,8 @@ def materialize(
 ) -> dg.ExecuteInProcessResult:
     """A real Dagster run of the pipeline (or part of it) with real resources."""
     assets = list(select) if select is not None else PIPELINE
-    checks = [c for c in CHECKS if select is None]
     return dg.materialize(
-        [*assets, *checks],
+        assets,
         resources=make_resources(home, str(source)),
         run_config=run_config(training) if any(a.key.path == ["fitted_params"] for a in assets)
         else None,

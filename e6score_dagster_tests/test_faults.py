@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from e6score_dagster.definitions import CHECKS, PIPELINE
+from e6score_dagster.definitions import PIPELINE
 from e6score_dagster.model import load_params
 from e6score_dagster.resources import QualityGates, make_resources
 from e6score_dagster.schema import POSTS_COLUMNS
@@ -47,7 +47,7 @@ def _run(home: Path, source: Path, gates: QualityGates | None = None):
     resources = make_resources(home, str(source))
     if gates is not None:
         resources["gates"] = gates
-    return dg.materialize([*PIPELINE, *CHECKS], resources=resources, run_config=run_config(),
+    return dg.materialize(PIPELINE, resources=resources, run_config=run_config(),
                           raise_on_error=False)
 
 
@@ -222,7 +222,7 @@ def test_diverging_training_fails_and_keeps_the_previous_params(tmp_path, genera
     resources = make_resources(home, str(generated_dump))
     fitted, scored = PIPELINE[4], PIPELINE[5]
     result = dg.materialize(
-        [*PIPELINE, *CHECKS], resources=resources, selection=[fitted.key, scored.key],
+        PIPELINE, resources=resources, selection=[fitted.key, scored.key],
         run_config=run_config({**FAST_TRAINING, "learning_rate": 1e30, "grad_clip": 1e30}),
         raise_on_error=False,
     )
@@ -242,7 +242,7 @@ def test_a_fit_that_loses_to_a_baseline_is_not_used(tmp_path, generated_dump):
     # Learning rate 0: every stage stays at its start, a constant mean with a calibrated
     # scale: exactly what the (equally untrained) linear baseline predicts.
     result = dg.materialize(
-        [*PIPELINE, *CHECKS], resources=make_resources(home, str(generated_dump)),
+        PIPELINE, resources=make_resources(home, str(generated_dump)),
         selection=[fitted.key, scored.key],
         run_config=run_config({**FAST_TRAINING, "learning_rate": 0.0}), raise_on_error=False,
     )
