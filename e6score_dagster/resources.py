@@ -153,7 +153,10 @@ class LockedDuckDBResource(DuckDBResource):
                 )
             try:
                 with super().get_connection() as conn:
-                    yield conn
+                    try:
+                        yield conn
+                    finally:  # the stock resource closes only when the block succeeds
+                        conn.close()
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 

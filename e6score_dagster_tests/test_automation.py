@@ -13,7 +13,7 @@ from dagster._utils.test.data_versions import get_stale_status_resolver
 
 from e6score_dagster.assets.ingest import e621_dump
 from e6score_dagster.definitions import PIPELINE, build_defs
-from e6score_dagster.resources import StateDir, make_resources
+from e6score_dagster.resources import make_resources
 from e6score_dagster_tests.conftest import DUMP_DATE, run_config
 
 NEW_DATE = "2026-11-21"
@@ -163,17 +163,6 @@ def test_schedule_tick_requests_the_observation(world, monkeypatch):
     monkeypatch.setenv("E6SCORE_SCHEDULE_CRON", "15 3 * * *")
     assert build_defs(world.resources).resolve_schedule_def(
         "daily_dump_check").cron_schedule == "15 3 * * *"
-
-
-def test_old_dumps_are_pruned_only_behind_a_successful_newer_one(tmp_path):
-    state = StateDir(home=str(tmp_path), keep_dumps=3)
-    dates = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04", "2026-01-05"]
-    for d in dates:
-        (state.dumps / d).mkdir()
-    # The dump just scored is kept even when it is not among the newest three.
-    assert state.prune_dumps(keep_through="2026-01-02") == ["2026-01-01"]
-    assert state.prune_dumps(keep_through="2026-01-05") == ["2026-01-02"]
-    assert sorted(p.name for p in state.dumps.iterdir()) == dates[2:]
 
 
 def test_a_missing_export_is_rewritten_not_reused(world):

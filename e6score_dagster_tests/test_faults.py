@@ -232,6 +232,12 @@ def test_diverging_training_fails_and_keeps_the_previous_params(tmp_path, genera
     after = _state(home)
     assert after["lineage"]["fitted_params"] == before["lineage"]["fitted_params"]
     assert after["scored"] == before["scored"]
+    with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
+        outcome, reason = conn.execute(
+            "SELECT outcome, reason FROM e6score_builds WHERE asset = 'fitted_params' "
+            "ORDER BY id DESC LIMIT 1").fetchone()
+    assert outcome == "failed" and "at step" in reason  # the history says why
+    assert not list(home.rglob(".*.part"))
 
 
 def test_a_fit_that_loses_to_a_baseline_is_not_used(tmp_path, generated_dump):
@@ -253,4 +259,14 @@ def test_a_fit_that_loses_to_a_baseline_is_not_used(tmp_path, generated_dump):
     after = _state(home)
     assert after["lineage"]["fitted_params"] == before["lineage"]["fitted_params"]
     assert after["scored"] == before["scored"]
-    assert len(list((home / "params").glob("*.msgpack"))) == 2  # the loser is kept to inspect
+    # Dagster is told the version in use, not the rejected one; the history keeps its metrics.
+    mat = result.asset_materializations_for_node("fitted_params")[0]
+    assert mat.tags["dagster/data_version"] == before["lineage"]["fitted_params"][1]["key"]
+    assert mat.metadata["published"].value is False
+    with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
+        outcome, reason, info = conn.execute(
+            "SELECT outcome, reason, info FROM e6score_builds WHERE asset = 'fitted_params' "
+            "ORDER BY id DESC LIMIT 1").fetchone()
+    assert outcome == "rejected" and "beats_baselines" in reason
+    assert json.loads(info)["metrics"]["nll"] > 0
+    assert len(list((home / "params").glob("*.msgpack"))) == 1  # a rejected fit is not kept
