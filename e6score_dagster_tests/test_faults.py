@@ -53,8 +53,8 @@ def _run(home: Path, source: Path, gates: QualityGates | None = None):
 
 def _state(home: Path) -> dict:
     with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
-        lineage = {a: (str(d), json.loads(i)) for a, d, i in conn.execute(
-            "SELECT asset, dump_date, info FROM e6score_lineage").fetchall()}
+        lineage = {a: (str(d), {**json.loads(i), "version": v}) for a, d, v, i in conn.execute(
+            "SELECT asset, dump_date, version, info FROM e6score_lineage").fetchall()}
         return {
             "scored": conn.execute("SELECT count(*), min(strftime(dump_date, '%Y-%m-%d')) "
                                    "FROM scored_posts").fetchone(),
@@ -261,7 +261,7 @@ def test_a_fit_that_loses_to_a_baseline_is_not_used(tmp_path, generated_dump):
     assert after["scored"] == before["scored"]
     # Dagster is told the version in use, not the rejected one; the history keeps its metrics.
     mat = result.asset_materializations_for_node("fitted_params")[0]
-    assert mat.tags["dagster/data_version"] == before["lineage"]["fitted_params"][1]["key"]
+    assert mat.tags["dagster/data_version"] == before["lineage"]["fitted_params"][1]["version"]
     assert mat.metadata["published"].value is False
     with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
         outcome, reason, info = conn.execute(
@@ -270,3 +270,45 @@ def test_a_fit_that_loses_to_a_baseline_is_not_used(tmp_path, generated_dump):
     assert outcome == "rejected" and "beats_baselines" in reason
     assert json.loads(info)["metrics"]["nll"] > 0
     assert len(list((home / "params").glob("*.msgpack"))) == 1  # a rejected fit is not kept
+
+
+def _export_scores(home: Path, date: str) -> pd.Series:
+    export = pd.read_csv(home / "exports" / f"score-{date}.csv.gz", usecols=["id", "fav_score"])
+    return export.set_index("id")["fav_score"].sort_index()
+
+
+def _table_scores(home: Path) -> pd.Series:
+    with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
+        table = conn.execute("SELECT id, fav_score FROM scored_posts").df()
+    return table.set_index("id")["fav_score"].sort_index()
+
+
+def test_sigkill_during_a_re_export_then_a_rerun(tmp_path, big_dump):
+    """New params for the same dump: a kill mid-export must not leave the old export current."""
+    home = tmp_path / "home"
+    first = _cli(home, big_dump, QUICK_BIG)
+    out = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, out[-3000:]
+    before = _state(home)
+    export = home / "exports" / f"score-{D2}.csv.gz"
+    export_bytes = export.read_bytes()
+
+    refit = {**QUICK_BIG, "seed": 1}  # another version of the params, the same dump date
+    _kill_during(_cli(home, big_dump, refit), "scored_posts", "compressing the export", 0.2)
+    after = _state(home)
+    assert after["lineage"]["scored_posts"] == before["lineage"]["scored_posts"]
+    assert export.read_bytes() == export_bytes  # the published export, untouched
+    assert list((home / "tmp" / "scored_posts").iterdir())  # what the kill left behind
+
+    rerun = _cli(home, big_dump, refit)
+    out = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, out[-3000:]
+    final = _state(home)
+    assert final["lineage"]["scored_posts"][1]["version"] != before["lineage"]["scored_posts"][1][
+        "version"]
+    # The export is the one of the scores now in the table, not the earlier build's.
+    assert export.read_bytes() != export_bytes
+    pd.testing.assert_series_equal(_export_scores(home, D2), _table_scores(home),
+                                   check_exact=False, rtol=1e-6)
+    assert not list(home.rglob("*.part"))
+    assert not list((home / "tmp" / "scored_posts").glob("*"))
