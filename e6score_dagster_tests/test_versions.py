@@ -14,8 +14,10 @@ from e6score_dagster.assets.features import feature_matrix
 from e6score_dagster.assets.model import fitted_params
 from e6score_dagster.assets.score import scored_posts
 from e6score_dagster.assets.vocabulary import tag_vocabulary
+from e6score_dagster.code_versions import code_closure, code_version
 from e6score_dagster.definitions import PIPELINE
 from e6score_dagster.resources import StateDir, make_resources
+from e6score_dagster.store import ensure_lineage, history, read_lineage
 from e6score_dagster_tests.conftest import DUMP_DATE, FAST_TRAINING
 
 DATES = ["2026-11-21", "2026-11-22", "2026-11-23"]
@@ -46,6 +48,14 @@ def _run(home: Path, src: Path, selection=None, config: dict | None = None,
         ops["fitted_params"] = {"config": FAST_TRAINING}
     return dg.materialize(PIPELINE, resources=resources, selection=selection,
                           run_config=dg.RunConfig(ops=ops), raise_on_error=False)
+
+
+def _scored_home(tmp_path: Path, dump: Path) -> tuple[Path, Path]:
+    """A source with the first dump, and a home where everything was built from it."""
+    src, home = tmp_path / "src", tmp_path / "home"
+    _publish_dump(src, dump, DUMP_DATE)
+    assert _run(home, src).success
+    return src, home
 
 
 def _query(home: Path, sql: str, params: list | None = None) -> list[tuple]:
@@ -105,9 +115,7 @@ def test_two_collapsed_dumps_in_a_row_are_both_blocked(tmp_path, generated_dump)
 
 
 def test_rejected_share_leaves_the_previous_table_in_place(tmp_path, generated_dump):
-    src, home = tmp_path / "src", tmp_path / "home"
-    _publish_dump(src, generated_dump, DUMP_DATE)
-    assert _run(home, src).success
+    src, home = _scored_home(tmp_path, generated_dump)
     rejected_before = _query(home, "SELECT count(*) FROM rejected_rows")
     df = _posts(generated_dump)
     df.loc[: len(df) // 20, "fav_count"] = "-1"  # 5% unrepairable rows
@@ -124,9 +132,7 @@ def test_rejected_share_leaves_the_previous_table_in_place(tmp_path, generated_d
 
 
 def test_params_are_never_applied_to_another_feature_matrix(tmp_path, generated_dump):
-    src, home = tmp_path / "src", tmp_path / "home"
-    _publish_dump(src, generated_dump, DUMP_DATE)
-    assert _run(home, src).success
+    src, home = _scored_home(tmp_path, generated_dump)
     scores = _query(home, "SELECT id, fav_score FROM scored_posts ORDER BY id")
     before = _current(home)
 
@@ -182,3 +188,38 @@ def test_retention_keeps_the_last_n_exports_params_and_dumps(tmp_path, generated
         assert meta["disk_bytes"].value == kept, asset
     assert result.asset_materializations_for_node("cleaned_posts")[0].metadata[
         "disk_bytes"].value > 0
+
+
+def test_a_home_of_the_single_row_lineage_is_carried_over(tmp_path):
+    """An existing home keeps working: its lineage rows become published builds."""
+    db = tmp_path / "e6score.duckdb"
+    info = {"key": "abc", "pools": None, "posts": "/x/posts.csv.gz"}
+    with duckdb.connect(str(db)) as conn:
+        conn.execute("CREATE TABLE e6score_lineage (asset VARCHAR PRIMARY KEY, dump_date DATE, "
+                     "built_at TIMESTAMP, info JSON)")
+        conn.execute("INSERT INTO e6score_lineage VALUES ('raw_dump', DATE '2026-01-02', "
+                     "TIMESTAMP '2026-01-02 06:00:00', ?)", [json.dumps(info)])
+        ensure_lineage(conn)
+        ensure_lineage(conn)  # idempotent
+        assert read_lineage(conn, "raw_dump") == ("2026-01-02", info)
+        assert [(b.version, b.outcome) for b in history(conn, "raw_dump")] == [
+            ("abc", "published")]
+
+
+def test_code_versions_ignore_comments_and_docstrings(tmp_path):
+    pkg = tmp_path / "e6score_dagster"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from .util import f\n")
+    (pkg / "sub" / "util.py").write_text('"""Doc."""\n\ndef f():\n    return 1\n')
+    (pkg / "stage.py").write_text("X = 1\n")  # orchestration only: never part of a version
+    (pkg / "asset.py").write_text("from e6score_dagster import stage\n"
+                                  "from e6score_dagster.sub import f\n")
+    v0 = code_version("e6score_dagster.asset", pkg)
+    assert set(code_closure("e6score_dagster.asset", pkg)) == {
+        "e6score_dagster.asset", "e6score_dagster.sub", "e6score_dagster.sub.util"}
+    (pkg / "sub" / "util.py").write_text('"""Other doc."""\n\n# note\ndef f():\n    return 1\n')
+    (pkg / "stage.py").write_text("X = 2\n")
+    assert code_version("e6score_dagster.asset", pkg) == v0
+    (pkg / "sub" / "util.py").write_text("def f():\n    return 2\n")  # through a relative import
+    assert code_version("e6score_dagster.asset", pkg) != v0
