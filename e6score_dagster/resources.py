@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,7 +42,9 @@ class StateDir(dg.ConfigurableResource):
 
     home: str
     keep_dumps: int = 3
-    """How many dump folders to keep under dumps/; older ones go after a newer run succeeds."""
+    """Retention (env E6SCORE_KEEP_DUMPS): each stage keeps the files of its last N published
+    builds (dumps, params, exports) plus the one in use; older ones go when a newer one is
+    published."""
 
     @property
     def root(self) -> Path:
@@ -69,20 +71,35 @@ class StateDir(dg.ConfigurableResource):
     def exports(self) -> Path:
         return self.sub("exports")
 
-    def prune_dumps(self, keep_through: str) -> list[str]:
-        """Remove all but the newest `keep_dumps` dump folders, never `keep_through` or newer.
+    def sweep(self, folder: Path) -> list[str]:
+        """Remove the `.NAME.part` files and folders a killed run left in `folder`.
 
-        Called only after a run for `keep_through` succeeded, so a failed newer run never
-        costs the dump the last good outputs were built from.
+        Called by a stage while it holds its lock, so no live build of it is writing there.
         """
-        dates = sorted(
-            (p.name for p in self.dumps.iterdir() if p.is_dir() and DATE_RE.fullmatch(p.name)),
-            reverse=True,
-        )
-        keep = set(dates[: max(self.keep_dumps, 1)]) | {d for d in dates if d >= keep_through}
-        removed = [d for d in dates if d not in keep]
-        for d in removed:
-            shutil.rmtree(self.dumps / d, ignore_errors=True)
+        swept = []
+        for p in folder.glob(".*.part"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            swept.append(p.name)
+        return swept
+
+    def prune(
+        self, folder: Path, keep: set[Path], protect: Callable[[Path], bool] | None = None
+    ) -> list[str]:
+        """Retention: remove every entry of `folder` that holds none of `keep` (nor is protected).
+
+        `keep` is the files of the builds retention keeps (the last `keep_dumps` published ones
+        and the one in use), so orphans of killed or rejected builds go too.
+        """
+        keep = {p.resolve() for p in keep}
+        removed = []
+        for entry in sorted(folder.iterdir()):
+            held = entry.resolve()
+            if any(k == held or held in k.parents for k in keep):
+                continue
+            if protect is not None and protect(entry):
+                continue
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry.name)
         return removed
 
 
@@ -136,7 +153,10 @@ class LockedDuckDBResource(DuckDBResource):
                 )
             try:
                 with super().get_connection() as conn:
-                    yield conn
+                    try:
+                        yield conn
+                    finally:  # the stock resource closes only when the block succeeds
+                        conn.close()
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 

@@ -1,4 +1,4 @@
-"""DuckDB store helpers: atomic table swaps, the lineage table, metadata about tables."""
+"""DuckDB store helpers: atomic table swaps, the lineage history, metadata about tables."""
 
 from __future__ import annotations
 
@@ -8,24 +8,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import duckdb
-
-LINEAGE_DDL = """
-CREATE TABLE IF NOT EXISTS e6score_lineage (
-    asset VARCHAR PRIMARY KEY,
-    dump_date DATE,
-    built_at TIMESTAMP,
-    info JSON
-)
-"""
-
-
-class MissingUpstreamError(RuntimeError):
-    pass
 
 
 @contextmanager
@@ -40,16 +29,6 @@ def transaction(conn: duckdb.DuckDBPyConnection):
     conn.execute("COMMIT")
 
 
-def record_lineage(
-    conn: duckdb.DuckDBPyConnection, asset: str, dump_date: str, info: dict[str, Any]
-) -> None:
-    conn.execute(LINEAGE_DDL)
-    conn.execute(
-        "INSERT OR REPLACE INTO e6score_lineage VALUES (?, ?, ?, ?)",
-        [asset, dump_date, datetime.now(UTC).replace(tzinfo=None), json.dumps(info)],
-    )
-
-
 def table_exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
     row = conn.execute(
         "SELECT count(*) FROM information_schema.tables "
@@ -57,22 +36,6 @@ def table_exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
         [table],
     ).fetchone()
     return bool(row and row[0])
-
-
-def read_lineage(conn: duckdb.DuckDBPyConnection, asset: str) -> tuple[str, dict[str, Any]]:
-    """(dump_date, info) of the last successful build of `asset`; a clear error if none.
-
-    Works on read-only connections too (the curation CLI reads while nothing writes).
-    """
-    if not table_exists(conn, "e6score_lineage"):
-        raise MissingUpstreamError(f"`{asset}` has not been materialised yet; materialise it first")
-    row = conn.execute(
-        "SELECT strftime(dump_date, '%Y-%m-%d'), info FROM e6score_lineage WHERE asset = ?",
-        [asset],
-    ).fetchone()
-    if row is None:
-        raise MissingUpstreamError(f"`{asset}` has not been materialised yet; materialise it first")
-    return row[0], json.loads(row[1])
 
 
 @contextmanager
@@ -108,34 +71,6 @@ def version_key(*parts: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def last_build(conn: duckdb.DuckDBPyConnection, asset: str) -> tuple[str, dict[str, Any]] | None:
-    """(dump_date, info) of the last build of `asset`, or None if it was never built."""
-    try:
-        return read_lineage(conn, asset)
-    except MissingUpstreamError:
-        return None
-
-
-def built_from(conn: duckdb.DuckDBPyConnection, asset: str, key: str) -> dict[str, Any] | None:
-    """The lineage info of `asset` if its last build used exactly `key`, else None."""
-    last = last_build(conn, asset)
-    return last[1] if last and last[1].get("key") == key else None
-
-
-def code_version(context: dg.AssetExecutionContext) -> str:
-    return context.assets_def.code_versions_by_key[context.asset_key] or "0"
-
-
-def lineage_metadata(dump_date: str, key: str, inputs: dict[str, str], reused: bool) -> dict:
-    """What every materialisation says about its provenance."""
-    return {
-        "dump_date": dump_date,
-        "data_version": key,
-        "built_from": dg.MetadataValue.json(inputs),
-        "reused": reused,
-    }
-
-
 def column_schema(conn: duckdb.DuckDBPyConnection, table: str) -> dg.TableSchema:
     rows = conn.execute(
         "SELECT column_name, data_type FROM information_schema.columns "
@@ -154,17 +89,159 @@ def table_metadata(conn: duckdb.DuckDBPyConnection, table: str) -> dict[str, Any
     }
 
 
-def reused_result(
-    conn: duckdb.DuckDBPyConnection,
-    dump_date: str,
-    key: str,
-    inputs: dict[str, str],
-    table: str | None = None,
-    **extra: Any,
-) -> dg.MaterializeResult:
-    """The result of a stage whose output is already built from the same inputs: no work."""
-    meta = table_metadata(conn, table) if table else {}
-    return dg.MaterializeResult(
-        metadata={**meta, **lineage_metadata(dump_date, key, inputs, reused=True), **extra},
-        data_version=dg.DataVersion(key),
+# --------------------------------------------------------------------------- lineage history
+
+BUILDS_DDL = (
+    "CREATE SEQUENCE IF NOT EXISTS e6score_build_id",
+    """
+    CREATE TABLE IF NOT EXISTS e6score_builds (
+        id BIGINT PRIMARY KEY DEFAULT nextval('e6score_build_id'),
+        asset VARCHAR NOT NULL,
+        version VARCHAR NOT NULL,
+        dump_date DATE,
+        code_version VARCHAR,
+        inputs JSON,
+        config JSON,
+        outcome VARCHAR NOT NULL,  -- building, published, rejected, failed, abandoned
+        reason VARCHAR,
+        started_at TIMESTAMP,
+        finished_at TIMESTAMP,
+        info JSON,
+        files JSON
     )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS e6score_current (
+        asset VARCHAR PRIMARY KEY,
+        build_id BIGINT NOT NULL,
+        published_at TIMESTAMP
+    )
+    """,
+)
+LINEAGE_VIEW = """
+CREATE OR REPLACE VIEW e6score_lineage AS
+SELECT c.asset, b.version, b.dump_date, c.published_at AS built_at, b.inputs, b.info
+FROM e6score_current c JOIN e6score_builds b ON b.id = c.build_id
+"""
+class MissingUpstreamError(RuntimeError):
+    pass
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class Build:
+    """One build of an asset, as the lineage history records it."""
+
+    id: int
+    asset: str
+    version: str
+    dump_date: str | None
+    inputs: dict[str, str]
+    outcome: str
+    reason: str | None
+    info: dict[str, Any]
+    files: dict[str, Any]
+
+    def files_intact(self) -> bool:
+        """Every file of the build is there, unchanged since it was published."""
+        return all(fingerprint(Path(p)) == fp for p, fp in self.files.items())
+
+
+BUILD_COLUMNS = (
+    "id, asset, version, strftime(dump_date, '%Y-%m-%d'), inputs, outcome, reason, info, files"
+)
+
+
+def _build(row: tuple) -> Build:
+    return Build(
+        id=int(row[0]),
+        asset=row[1],
+        version=row[2],
+        dump_date=row[3],
+        inputs=json.loads(row[4] or "{}"),
+        outcome=row[5],
+        reason=row[6],
+        info=json.loads(row[7] or "{}"),
+        files=json.loads(row[8] or "{}"),
+    )
+
+
+def fingerprint(path: Path) -> Any:
+    """Size and mtime of a file, or of every file under a folder; None if it is missing."""
+    if path.is_file():
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+    if path.is_dir():
+        return sorted(
+            [str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in path.rglob("*")
+            if p.is_file()
+        )
+    return None
+
+
+def disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def ensure_lineage(conn: duckdb.DuckDBPyConnection) -> None:
+    """Create the history tables; a home of the single-row lineage era is carried over."""
+    for ddl in BUILDS_DDL:
+        conn.execute(ddl)
+    legacy = conn.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'e6score_lineage' "
+        "AND table_type = 'BASE TABLE' AND table_catalog = current_database()"
+    ).fetchone()[0]
+    if legacy:
+        with transaction(conn):
+            for asset, date, built_at, info in conn.execute(
+                "SELECT asset, dump_date, built_at, info FROM e6score_lineage"
+            ).fetchall():
+                build_id = conn.execute(
+                    "INSERT INTO e6score_builds (asset, version, dump_date, outcome, reason, "
+                    "started_at, finished_at, inputs, info, files) VALUES "
+                    "(?, ?, ?, 'published', 'carried over from the single-row lineage', ?, ?, "
+                    "'{}', ?, '{}') RETURNING id",
+                    [asset, json.loads(info).get("key", "legacy"), date, built_at, built_at, info],
+                ).fetchone()[0]
+                conn.execute(
+                    "INSERT OR REPLACE INTO e6score_current VALUES (?, ?, ?)",
+                    [asset, build_id, built_at],
+                )
+            conn.execute("DROP TABLE e6score_lineage")
+    conn.execute(LINEAGE_VIEW)
+
+
+def current(conn: duckdb.DuckDBPyConnection, asset: str) -> Build | None:
+    """The published build of `asset` (what readers use), or None. Works read-only."""
+    if not table_exists(conn, "e6score_current"):
+        return None
+    row = conn.execute(
+        f"SELECT {BUILD_COLUMNS} FROM e6score_builds "
+        "WHERE id = (SELECT build_id FROM e6score_current WHERE asset = ?)",
+        [asset],
+    ).fetchone()
+    return _build(row) if row else None
+
+
+def history(conn: duckdb.DuckDBPyConnection, asset: str) -> list[Build]:
+    """Every build of `asset`, newest first."""
+    if not table_exists(conn, "e6score_builds"):
+        return []
+    rows = conn.execute(
+        f"SELECT {BUILD_COLUMNS} FROM e6score_builds WHERE asset = ? ORDER BY id DESC", [asset]
+    ).fetchall()
+    return [_build(r) for r in rows]
+
+
+def read_lineage(conn: duckdb.DuckDBPyConnection, asset: str) -> tuple[str, dict[str, Any]]:
+    """(dump_date, info) of the published build of `asset`; a clear error if there is none."""
+    build = current(conn, asset)
+    if build is None:
+        raise MissingUpstreamError(f"`{asset}` has not been published yet; materialise it first")
+    return build.dump_date or "", {"key": build.version, **build.info}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -12,11 +16,12 @@ from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
 from e6score_dagster.assets.ingest import e621_dump
-from e6score_dagster.definitions import CHECKS, PIPELINE, build_defs
-from e6score_dagster.resources import StateDir, make_resources
+from e6score_dagster.definitions import PIPELINE, build_defs
+from e6score_dagster.resources import make_resources
 from e6score_dagster_tests.conftest import DUMP_DATE, run_config
 
 NEW_DATE = "2026-11-21"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_KEYS = {a.key for a in PIPELINE}
 
 
@@ -53,7 +58,7 @@ class World:
     def run(self) -> dg.ExecuteInProcessResult:
         """What the requested run does: materialise the chain (and its checks)."""
         return dg.materialize(
-            [*PIPELINE, *CHECKS], instance=self.instance, resources=self.resources,
+            PIPELINE, instance=self.instance, resources=self.resources,
             run_config=run_config(),
         )
 
@@ -123,31 +128,56 @@ def test_rerun_on_unchanged_dump_reuses_every_stage(world):
         assert len(set(versions)) == 1, asset.key
 
 
-def test_code_version_change_reruns_that_asset_and_its_descendants(world):
+def _declared_code_versions(package_parent: Path, home: Path) -> dict[str, str]:
+    """The code versions the definitions of the package under `package_parent` declare."""
+    code = ("import json; from e6score_dagster.definitions import PIPELINE; "
+            "print(json.dumps({a.key.path[-1]: a.code_versions_by_key[a.key] for a in PIPELINE}))")
+    env = {**os.environ, "PYTHONPATH": str(package_parent), "E6SCORE_HOME": str(home)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=package_parent,
+                         capture_output=True, text=True, check=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_source_edit_changes_the_derived_code_version(world, tmp_path):
+    """Editing model/network.py (on a copy of the package) marks what runs it unsynced."""
+    copy = tmp_path / "copy"
+    shutil.copytree(REPO_ROOT / "e6score_dagster", copy / "e6score_dagster",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    original = {a.key.path[-1]: a.code_versions_by_key[a.key] for a in PIPELINE}
+    assert _declared_code_versions(copy, tmp_path / "h") == original  # derived, not typed
+
+    network = copy / "e6score_dagster" / "model" / "network.py"
+    network.write_text(network.read_text() + "\n\ndef _edited() -> int:\n    return 1\n")
+    clean = copy / "e6score_dagster" / "assets" / "clean.py"  # comments do not count
+    clean.write_text(clean.read_text().replace("\nimport time\n", "\n# a comment\nimport time\n"))
+    edited = _declared_code_versions(copy, tmp_path / "h")
+    changed = {k for k in original if edited[k] != original[k]}
+    # fitted_params and scored_posts run the network; feature_matrix imports its tag coding.
+    assert changed == {"feature_matrix", "fitted_params", "scored_posts"}
+
     assert world.run().success
     assert world.tick() == {}
     resolver = get_stale_status_resolver(world.instance, PIPELINE)
     assert all(resolver.get_status(k) == StaleStatus.FRESH for k in PIPELINE_KEYS)
-
-    bumped = [
-        a.map_asset_specs(lambda s: s.replace_attributes(code_version="999"))
-        if a.key.path == ["tag_vocabulary"] else a
-        for a in PIPELINE
-    ]
-    resolver = get_stale_status_resolver(world.instance, bumped)
-    assert resolver.get_status(dg.AssetKey("tag_vocabulary")) == StaleStatus.STALE  # "Unsynced"
-    assert resolver.get_status(dg.AssetKey("cleaned_posts")) == StaleStatus.FRESH
-    # The automation sensor, after the code change is deployed, requests the changed asset and
-    # everything below it, once, and nothing above it.
-    world.defs = dg.Definitions(assets=[e621_dump, *bumped], resources=world.resources)
-    assert set(world.tick()) == {dg.AssetKey(n) for n in (
-        "tag_vocabulary", "feature_matrix", "fitted_params", "scored_posts")}
-    # Re-materialising it gives a new data version, which makes its child unsynced in turn.
-    assert dg.materialize(bumped[2:3], instance=world.instance, resources=world.resources,
-                          selection=["tag_vocabulary"]).success
-    resolver = get_stale_status_resolver(world.instance, bumped)
-    assert resolver.get_status(dg.AssetKey("tag_vocabulary")) == StaleStatus.FRESH
-    assert resolver.get_status(dg.AssetKey("feature_matrix")) == StaleStatus.STALE
+    deployed = [a.map_asset_specs(lambda s: s.replace_attributes(
+        code_version=edited[s.key.path[-1]])) for a in PIPELINE]
+    resolver = get_stale_status_resolver(world.instance, deployed)
+    for key in PIPELINE_KEYS:  # "Unsynced" in the UI
+        expected = StaleStatus.STALE if key.path[-1] in changed else StaleStatus.FRESH
+        assert resolver.get_status(key) == expected, key
+    # The automation sensor, after the edit is deployed, requests what runs the edited code,
+    # once, and nothing above it.
+    world.defs = dg.Definitions(assets=[e621_dump, *deployed], resources=world.resources)
+    assert set(world.tick()) == {dg.AssetKey(n) for n in changed}
+    # Re-materialising the matrix under its new code version builds a new version, which makes
+    # the params built from the old one unsynced in turn (and scored_posts refuses to mix them).
+    result = dg.materialize(deployed, instance=world.instance, resources=world.resources,
+                            selection=["feature_matrix"])
+    assert result.asset_materializations_for_node("feature_matrix")[0].metadata[
+        "reused"].value is False
+    resolver = get_stale_status_resolver(world.instance, deployed)
+    assert resolver.get_status(dg.AssetKey("feature_matrix")) == StaleStatus.FRESH
+    assert resolver.get_status(dg.AssetKey("fitted_params")) == StaleStatus.STALE
 
 
 def test_schedule_tick_requests_the_observation(world, monkeypatch):
@@ -163,17 +193,6 @@ def test_schedule_tick_requests_the_observation(world, monkeypatch):
     monkeypatch.setenv("E6SCORE_SCHEDULE_CRON", "15 3 * * *")
     assert build_defs(world.resources).resolve_schedule_def(
         "daily_dump_check").cron_schedule == "15 3 * * *"
-
-
-def test_old_dumps_are_pruned_only_behind_a_successful_newer_one(tmp_path):
-    state = StateDir(home=str(tmp_path), keep_dumps=3)
-    dates = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04", "2026-01-05"]
-    for d in dates:
-        (state.dumps / d).mkdir()
-    # The dump just scored is kept even when it is not among the newest three.
-    assert state.prune_dumps(keep_through="2026-01-02") == ["2026-01-01"]
-    assert state.prune_dumps(keep_through="2026-01-05") == ["2026-01-02"]
-    assert sorted(p.name for p in state.dumps.iterdir()) == dates[2:]
 
 
 def test_a_missing_export_is_rewritten_not_reused(world):

@@ -9,6 +9,7 @@ import pytest
 
 from e6score_dagster.assets.clean import cleaned_posts
 from e6score_dagster.assets.ingest import raw_dump
+from e6score_dagster.resources import QualityGates
 from e6score_dagster.schema import POSTS_COLUMNS
 from e6score_dagster_tests.conftest import materialize, post_row, write_dump
 
@@ -43,7 +44,9 @@ def quirky(tmp_path):
     raw += ",".join(bad).replace("PLACEHOLDER", "caf\xe9").encode("latin-1") + b"\n"
     posts.write_bytes(gzip.compress(raw))
     home = tmp_path / "home"
-    result = materialize(home, folder, select=[raw_dump, cleaned_posts])
+    # Two thirds of this dump are broken on purpose: the rejected-share gate must not block it.
+    result = materialize(home, folder, select=[raw_dump, cleaned_posts],
+                         gates=QualityGates(max_rejected_share=1.0))
     assert result.success
     return home, result
 
@@ -135,7 +138,8 @@ def test_enormous_field_is_quarantined_not_fatal(tmp_path):
     rows = [post_row(id="1"), post_row(id="2", description=huge), post_row(id="3")]
     folder = write_dump(tmp_path / "src", DATE, rows, TAGS)
     home = tmp_path / "home"
-    result = materialize(home, folder, select=[raw_dump, cleaned_posts])
+    result = materialize(home, folder, select=[raw_dump, cleaned_posts],
+                         gates=QualityGates(max_rejected_share=1.0))  # 1 row of 3 is rejected
     assert result.success
     assert {r[0] for r in _query(home, "SELECT id FROM cleaned_posts")} == {1, 3}
     rejected = _query(home, "SELECT stage, reason, length(raw) FROM rejected_rows")

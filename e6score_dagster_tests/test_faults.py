@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from e6score_dagster.definitions import CHECKS, PIPELINE
+from e6score_dagster.definitions import PIPELINE
 from e6score_dagster.model import load_params
 from e6score_dagster.resources import QualityGates, make_resources
 from e6score_dagster.schema import POSTS_COLUMNS
@@ -47,14 +47,14 @@ def _run(home: Path, source: Path, gates: QualityGates | None = None):
     resources = make_resources(home, str(source))
     if gates is not None:
         resources["gates"] = gates
-    return dg.materialize([*PIPELINE, *CHECKS], resources=resources, run_config=run_config(),
+    return dg.materialize(PIPELINE, resources=resources, run_config=run_config(),
                           raise_on_error=False)
 
 
 def _state(home: Path) -> dict:
     with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
-        lineage = {a: (str(d), json.loads(i)) for a, d, i in conn.execute(
-            "SELECT asset, dump_date, info FROM e6score_lineage").fetchall()}
+        lineage = {a: (str(d), {**json.loads(i), "version": v}) for a, d, v, i in conn.execute(
+            "SELECT asset, dump_date, version, info FROM e6score_lineage").fetchall()}
         return {
             "scored": conn.execute("SELECT count(*), min(strftime(dump_date, '%Y-%m-%d')) "
                                    "FROM scored_posts").fetchone(),
@@ -222,7 +222,7 @@ def test_diverging_training_fails_and_keeps_the_previous_params(tmp_path, genera
     resources = make_resources(home, str(generated_dump))
     fitted, scored = PIPELINE[4], PIPELINE[5]
     result = dg.materialize(
-        [*PIPELINE, *CHECKS], resources=resources, selection=[fitted.key, scored.key],
+        PIPELINE, resources=resources, selection=[fitted.key, scored.key],
         run_config=run_config({**FAST_TRAINING, "learning_rate": 1e30, "grad_clip": 1e30}),
         raise_on_error=False,
     )
@@ -232,6 +232,12 @@ def test_diverging_training_fails_and_keeps_the_previous_params(tmp_path, genera
     after = _state(home)
     assert after["lineage"]["fitted_params"] == before["lineage"]["fitted_params"]
     assert after["scored"] == before["scored"]
+    with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
+        outcome, reason = conn.execute(
+            "SELECT outcome, reason FROM e6score_builds WHERE asset = 'fitted_params' "
+            "ORDER BY id DESC LIMIT 1").fetchone()
+    assert outcome == "failed" and "at step" in reason  # the history says why
+    assert not list(home.rglob(".*.part"))
 
 
 def test_a_fit_that_loses_to_a_baseline_is_not_used(tmp_path, generated_dump):
@@ -242,7 +248,7 @@ def test_a_fit_that_loses_to_a_baseline_is_not_used(tmp_path, generated_dump):
     # Learning rate 0: every stage stays at its start, a constant mean with a calibrated
     # scale: exactly what the (equally untrained) linear baseline predicts.
     result = dg.materialize(
-        [*PIPELINE, *CHECKS], resources=make_resources(home, str(generated_dump)),
+        PIPELINE, resources=make_resources(home, str(generated_dump)),
         selection=[fitted.key, scored.key],
         run_config=run_config({**FAST_TRAINING, "learning_rate": 0.0}), raise_on_error=False,
     )
@@ -253,4 +259,56 @@ def test_a_fit_that_loses_to_a_baseline_is_not_used(tmp_path, generated_dump):
     after = _state(home)
     assert after["lineage"]["fitted_params"] == before["lineage"]["fitted_params"]
     assert after["scored"] == before["scored"]
-    assert len(list((home / "params").glob("*.msgpack"))) == 2  # the loser is kept to inspect
+    # Dagster is told the version in use, not the rejected one; the history keeps its metrics.
+    mat = result.asset_materializations_for_node("fitted_params")[0]
+    assert mat.tags["dagster/data_version"] == before["lineage"]["fitted_params"][1]["version"]
+    assert mat.metadata["published"].value is False
+    with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
+        outcome, reason, info = conn.execute(
+            "SELECT outcome, reason, info FROM e6score_builds WHERE asset = 'fitted_params' "
+            "ORDER BY id DESC LIMIT 1").fetchone()
+    assert outcome == "rejected" and "beats_baselines" in reason
+    assert json.loads(info)["metrics"]["nll"] > 0
+    assert len(list((home / "params").glob("*.msgpack"))) == 1  # a rejected fit is not kept
+
+
+def _export_scores(home: Path, date: str) -> pd.Series:
+    export = pd.read_csv(home / "exports" / f"score-{date}.csv.gz", usecols=["id", "fav_score"])
+    return export.set_index("id")["fav_score"].sort_index()
+
+
+def _table_scores(home: Path) -> pd.Series:
+    with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as conn:
+        table = conn.execute("SELECT id, fav_score FROM scored_posts").df()
+    return table.set_index("id")["fav_score"].sort_index()
+
+
+def test_sigkill_during_a_re_export_then_a_rerun(tmp_path, big_dump):
+    """New params for the same dump: a kill mid-export must not leave the old export current."""
+    home = tmp_path / "home"
+    first = _cli(home, big_dump, QUICK_BIG)
+    out = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, out[-3000:]
+    before = _state(home)
+    export = home / "exports" / f"score-{D2}.csv.gz"
+    export_bytes = export.read_bytes()
+
+    refit = {**QUICK_BIG, "seed": 1}  # another version of the params, the same dump date
+    _kill_during(_cli(home, big_dump, refit), "scored_posts", "compressing the export", 0.2)
+    after = _state(home)
+    assert after["lineage"]["scored_posts"] == before["lineage"]["scored_posts"]
+    assert export.read_bytes() == export_bytes  # the published export, untouched
+    assert list((home / "tmp" / "scored_posts").iterdir())  # what the kill left behind
+
+    rerun = _cli(home, big_dump, refit)
+    out = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, out[-3000:]
+    final = _state(home)
+    assert final["lineage"]["scored_posts"][1]["version"] != before["lineage"]["scored_posts"][1][
+        "version"]
+    # The export is the one of the scores now in the table, not the earlier build's.
+    assert export.read_bytes() != export_bytes
+    pd.testing.assert_series_equal(_export_scores(home, D2), _table_scores(home),
+                                   check_exact=False, rtol=1e-6)
+    assert not list(home.rglob("*.part"))
+    assert not list((home / "tmp" / "scored_posts").glob("*"))

@@ -172,7 +172,9 @@ def test_a_dump_without_pools_is_reported_and_excludes_nothing(home, tmp_path, c
         )
         info["pools"] = None
         c.execute(
-            "UPDATE e6score_lineage SET info = ? WHERE asset = 'raw_dump'", [json.dumps(info)]
+            "UPDATE e6score_builds SET info = ? WHERE id = "
+            "(SELECT build_id FROM e6score_current WHERE asset = 'raw_dump')",
+            [json.dumps(info)],
         )
     with duckdb.connect(str(copy / "e6score.duckdb"), read_only=True) as c:
         warnings: list[str] = []

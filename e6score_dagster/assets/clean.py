@@ -6,27 +6,18 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from e6score_dagster import checks, stage
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
+from e6score_dagster.code_versions import code_version
 from e6score_dagster.csv_read import (
     DumpFormatError,
     check_header,
     csv_rejects_count_sql,
     read_csv_sql,
 )
+from e6score_dagster.resources import QualityGates, StateDir
 from e6score_dagster.schema import POSTS_COLUMNS
-from e6score_dagster.store import (
-    built_from,
-    code_version,
-    last_build,
-    lineage_metadata,
-    query_progress,
-    read_lineage,
-    record_lineage,
-    reused_result,
-    table_metadata,
-    transaction,
-    version_key,
-)
+from e6score_dagster.store import query_progress
 
 TS_FORMATS = "['%Y-%m-%d %H:%M:%S.%f', '%Y-%m-%d %H:%M:%S']"
 
@@ -93,135 +84,129 @@ CASE
 END
 """
 
-STAGED = "cleaned_posts__next"  # becomes cleaned_posts by a rename, inside the transaction
 EXTRA_COLUMNS = ("id_raw", "fav_count_raw", "created_at_raw", "reason")
+
+
+def stage_posts(conn, posts: Path, dump_date: str, table: str, rejected: str, log) -> dict:
+    """Parse the posts export into `table` and its unrepairable rows into `rejected`.
+
+    Both are staging tables; returns the counts the checks and the metadata need.
+    """
+    try:
+        header = check_header(posts, POSTS_COLUMNS)
+    except DumpFormatError as exc:
+        raise dg.Failure(description=str(exc)) from exc
+    log(f"reading posts of {dump_date} from {posts}")
+    # One pass from the CSV into the staged table (writing the table dominates the step's
+    # time, so it is written once; publishing it is a rename).
+    with query_progress(conn, log, "parsing posts"):
+        conn.execute(
+            f"CREATE OR REPLACE TABLE {table} AS SELECT *, {REJECT_REASON} AS reason "
+            f"FROM (SELECT {TYPED_COLUMNS} "
+            f"FROM {read_csv_sql(posts, header, 'posts_rejects')})"
+        )
+    # Duplicate ids: keep the newest edit of the post, reject the others by name.
+    conn.execute(
+        f"""
+        UPDATE {table}
+        SET reason = 'duplicate id (the row with the newest change_seq was kept)'
+        WHERE rowid IN (
+            SELECT rid FROM (
+                SELECT s.rowid AS rid, row_number() OVER (
+                    PARTITION BY s.id
+                    ORDER BY s.change_seq DESC NULLS LAST, s.updated_at DESC NULLS LAST, s.rowid
+                ) AS rn
+                FROM {table} s
+                WHERE s.reason IS NULL AND s.id IN (
+                    SELECT id FROM {table} WHERE reason IS NULL
+                    GROUP BY id HAVING count(*) > 1
+                )
+            ) WHERE rn > 1
+        )
+        """
+    )
+    csv_rejected = conn.execute(csv_rejects_count_sql("posts_rejects")).fetchone()[0]
+    conn.execute(
+        f"""
+        CREATE OR REPLACE TABLE {rejected} AS
+        SELECT DATE '{dump_date}' AS dump_date, 'posts' AS file, 'csv' AS stage,
+               line, NULL::VARCHAR AS id,
+               string_agg(DISTINCT error_type || ': ' || error_message, '; ') AS reason,
+               any_value(left(csv_line, 4096)) AS raw
+        FROM posts_rejects GROUP BY scan_id, file_id, line
+        UNION ALL
+        SELECT DATE '{dump_date}', 'posts', 'typing', NULL, left(id_raw, 64), reason,
+               left(concat_ws(',', id_raw, created_at_raw, rating, fav_count_raw), 4096)
+        FROM {table} WHERE reason IS NOT NULL
+        """
+    )
+    conn.execute(f"DELETE FROM {table} WHERE reason IS NOT NULL")
+    for col in EXTRA_COLUMNS:
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {col}")
+    n_clean, n_rejected = conn.execute(
+        f"SELECT (SELECT count(*) FROM {table}), (SELECT count(*) FROM {rejected})"
+    ).fetchone()
+    reasons = conn.execute(
+        f"SELECT regexp_replace(reason, ':.*', '') AS r, count(*) FROM {rejected} "
+        "GROUP BY r ORDER BY 2 DESC LIMIT 20"
+    ).fetchall()
+    return {
+        "rows": int(n_clean),
+        "rejected": int(n_rejected),
+        "dump_rows": int(n_clean + n_rejected),
+        "rejected_csv_rows": int(csv_rejected),
+        "rejected_by_reason": {r: int(n) for r, n in reasons},
+    }
 
 
 @dg.asset(
     group_name="ingest",
     deps=["raw_dump"],
     kinds={"duckdb"},
-    code_version="2",
+    code_version=code_version(__name__),
     pool="duckdb",
     automation_condition=ON_NEW_DATA_VERSION,
+    check_specs=[checks.REJECTED_SHARE, checks.POST_COUNT],
     description="Posts of the current dump as typed DuckDB rows (timestamps, booleans, a tag "
     "array). Rows that cannot be repaired go to `rejected_rows` with their reason, so "
     "`cleaned_posts` + `rejected_rows` account for every row of the dump.",
 )
 def cleaned_posts(
-    context: dg.AssetExecutionContext, duckdb: DuckDBResource
+    context: dg.AssetExecutionContext,
+    duckdb: DuckDBResource,
+    state: StateDir,
+    gates: QualityGates,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
-    with duckdb.get_connection() as conn:
-        dump_date, dump = read_lineage(conn, "raw_dump")
-        inputs = {"raw_dump": dump["key"]}
-        key = version_key(inputs, code_version(context))
-        if built_from(conn, "cleaned_posts", key):
-            context.log.info("cleaned_posts is already built from this dump and code: reused")
-            return reused_result(conn, dump_date, key, inputs, "cleaned_posts")
-        previous = _previous_dump(conn, dump_date)
-        posts = Path(dump["posts"])
-        try:
-            header = check_header(posts, POSTS_COLUMNS)
-        except DumpFormatError as exc:
-            raise dg.Failure(description=str(exc)) from exc
-        context.log.info(f"reading posts of {dump_date} from {dump['posts']}")
-        # One pass from the CSV into the table that becomes cleaned_posts (writing the table
-        # dominates the step's time, so it is written once, not staged and then copied).
-        with query_progress(conn, context.log.info, "parsing posts"):
-            conn.execute(
-                f"CREATE OR REPLACE TABLE {STAGED} AS SELECT *, {REJECT_REASON} AS reason "
-                f"FROM (SELECT {TYPED_COLUMNS} "
-                f"FROM {read_csv_sql(posts, header, 'posts_rejects')})"
+    with stage.begin(
+        context, duckdb, state, inputs=["raw_dump"], tables=["cleaned_posts", "rejected_rows"]
+    ) as st:
+        if st.reuse:
+            return st.reused_result()
+        dump = st.inputs["raw_dump"]
+        with duckdb.get_connection() as conn:
+            counts = stage_posts(
+                conn, Path(dump.info["posts"]), st.dump_date, st.table("cleaned_posts"),
+                st.table("rejected_rows"), context.log.info,
             )
-        # Duplicate ids: keep the newest edit of the post, reject the others by name.
-        conn.execute(
-            f"""
-            UPDATE {STAGED}
-            SET reason = 'duplicate id (the row with the newest change_seq was kept)'
-            WHERE rowid IN (
-                SELECT rid FROM (
-                    SELECT s.rowid AS rid, row_number() OVER (
-                        PARTITION BY s.id
-                        ORDER BY s.change_seq DESC NULLS LAST, s.updated_at DESC NULLS LAST, s.rowid
-                    ) AS rn
-                    FROM {STAGED} s
-                    WHERE s.reason IS NULL AND s.id IN (
-                        SELECT id FROM {STAGED} WHERE reason IS NULL
-                        GROUP BY id HAVING count(*) > 1
-                    )
-                ) WHERE rn > 1
+        if counts["rejected"]:
+            context.log.warning(
+                f"{counts['rejected']} of {counts['dump_rows']} rows rejected: see the "
+                "materialisation's rejected_by_reason"
             )
-            """
+        return st.finish(
+            info={k: counts[k] for k in ("rows", "rejected", "dump_rows")},
+            checks=[
+                checks.rejected_share_within_limit(counts["rows"], counts["rejected"], gates),
+                # against the last *accepted* build: a blocked dump is no baseline
+                checks.post_count_not_collapsed(counts["rows"], st.published, gates),
+            ],
+            metadata={
+                "dump_rows": dg.MetadataValue.int(counts["dump_rows"]),
+                "rejected_rows": dg.MetadataValue.int(counts["rejected"]),
+                "rejected_csv_rows": dg.MetadataValue.int(counts["rejected_csv_rows"]),
+                "rejected_share": counts["rejected"] / max(counts["dump_rows"], 1),
+                "rejected_by_reason": dg.MetadataValue.json(counts["rejected_by_reason"]),
+                "seconds": round(time.perf_counter() - t0, 2),
+            },
         )
-        t_parse = time.perf_counter() - t0
-        csv_rejected = conn.execute(csv_rejects_count_sql("posts_rejects")).fetchone()[0]
-        with transaction(conn):
-            conn.execute(
-                f"""
-                CREATE OR REPLACE TABLE rejected_rows AS
-                SELECT DATE '{dump_date}' AS dump_date, 'posts' AS file, 'csv' AS stage,
-                       line, NULL::VARCHAR AS id,
-                       string_agg(DISTINCT error_type || ': ' || error_message, '; ') AS reason,
-                       any_value(left(csv_line, 4096)) AS raw
-                FROM posts_rejects GROUP BY scan_id, file_id, line
-                UNION ALL
-                SELECT DATE '{dump_date}', 'posts', 'typing', NULL, left(id_raw, 64), reason,
-                       left(concat_ws(',', id_raw, created_at_raw, rating, fav_count_raw), 4096)
-                FROM {STAGED} WHERE reason IS NOT NULL
-                """
-            )
-            conn.execute(f"DELETE FROM {STAGED} WHERE reason IS NOT NULL")
-            for col in EXTRA_COLUMNS:
-                conn.execute(f"ALTER TABLE {STAGED} DROP COLUMN {col}")
-            conn.execute("DROP TABLE IF EXISTS cleaned_posts")
-            conn.execute(f"ALTER TABLE {STAGED} RENAME TO cleaned_posts")
-            counts = conn.execute(
-                "SELECT (SELECT count(*) FROM cleaned_posts), (SELECT count(*) FROM rejected_rows)"
-            ).fetchone()
-            n_clean, n_rejected = int(counts[0]), int(counts[1])
-            record_lineage(
-                conn,
-                "cleaned_posts",
-                dump_date,
-                {
-                    "key": key,
-                    **previous,
-                    "rows": n_clean,
-                    "rejected": n_rejected,
-                    "dump_rows": n_clean + n_rejected,
-                },
-            )
-        reasons = conn.execute(
-            "SELECT regexp_replace(reason, ':.*', '') AS r, count(*) FROM rejected_rows "
-            "GROUP BY r ORDER BY 2 DESC LIMIT 20"
-        ).fetchall()
-        meta = table_metadata(conn, "cleaned_posts")
-    total = n_clean + n_rejected
-    if n_rejected:
-        context.log.warning(f"{n_rejected} of {total} rows rejected: see table rejected_rows")
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(key),
-        metadata={
-            **meta,
-            **lineage_metadata(dump_date, key, inputs, reused=False),
-            "dump_rows": dg.MetadataValue.int(total),
-            "rejected_rows": dg.MetadataValue.int(n_rejected),
-            "rejected_csv_rows": dg.MetadataValue.int(int(csv_rejected)),
-            "rejected_share": float(n_rejected / total) if total else 0.0,
-            "rejected_by_reason": dg.MetadataValue.json({r: int(n) for r, n in reasons}),
-            "parse_seconds": round(t_parse, 2),
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
-    )
-
-
-def _previous_dump(conn, dump_date: str) -> dict:
-    """The post count of the last dump cleaned before this one, for the count-drop check."""
-    last = last_build(conn, "cleaned_posts")
-    if last is None:
-        return {}
-    date, info = last
-    if date == dump_date:  # a rebuild of the same dump compares with the same predecessor
-        return {k: info[k] for k in ("previous_rows", "previous_dump_date") if k in info}
-    return {"previous_rows": info["rows"], "previous_dump_date": date}

@@ -1,31 +1,20 @@
 """Model inputs as one pre-shuffled Parquet file, built entirely in DuckDB."""
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from e6score_dagster import stage
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
-from e6score_dagster.model import FeatureLayout
+from e6score_dagster.code_versions import code_version
+from e6score_dagster.model.data import FeatureLayout
 from e6score_dagster.model.network import CATEGORY_CODES
 from e6score_dagster.resources import StateDir
 from e6score_dagster.schema import SITE_LAUNCH
-from e6score_dagster.store import (
-    built_from,
-    code_version,
-    last_build,
-    lineage_metadata,
-    query_progress,
-    read_lineage,
-    record_lineage,
-    reused_result,
-    transaction,
-    version_key,
-)
+from e6score_dagster.store import query_progress
 
 FILE_EXTS = ("jpg", "png", "gif", "webp", "webm", "mp4", "swf")  # index 0 is "other"
 RATING_INDEX = "CASE c.rating WHEN 's' THEN 0 WHEN 'q' THEN 1 ELSE 2 END"
@@ -144,11 +133,36 @@ def _layout(conn, matrix: Path, config: FeatureConfig) -> FeatureLayout:
     )
 
 
+def stage_features(conn, folder: Path, dump_date: str, config: FeatureConfig, log) -> dict:
+    """Write matrix.parquet and layout.json of the published posts and vocabulary to `folder`."""
+    folder.mkdir(parents=True)
+    matrix = folder / "matrix.parquet"
+    with query_progress(conn, log, "building features"):
+        conn.execute(
+            f"COPY ({feature_sql(dump_date, config)}) TO '{matrix}' "
+            f"(FORMAT parquet, ROW_GROUP_SIZE {config.row_group_size}, COMPRESSION zstd)"
+        )
+    layout = _layout(conn, matrix, config)
+    (folder / "layout.json").write_text(json.dumps(layout.to_dict(), indent=1))
+    counts = conn.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE holdout), "
+        f"count(*) FILTER (WHERE trainable AND NOT holdout) FROM read_parquet('{matrix}')"
+    ).fetchone()
+    schema = conn.execute(f"DESCRIBE SELECT * FROM read_parquet('{matrix}')").fetchall()
+    return {
+        "rows": int(counts[0]),
+        "holdout_rows": int(counts[1]),
+        "training_rows": int(counts[2]),
+        "schema": [(r[0], r[1]) for r in schema],
+        "bytes": matrix.stat().st_size,
+    }
+
+
 @dg.asset(
     group_name="features",
     deps=["cleaned_posts", "tag_vocabulary"],
     kinds={"duckdb", "parquet"},
-    code_version="2",
+    code_version=code_version(__name__),
     pool="duckdb",
     automation_condition=ON_NEW_DATA_VERSION,
     description="One row per cleaned post: id, log1p(fav_count), a fixed-width tag-index list, "
@@ -162,62 +176,28 @@ def feature_matrix(
     state: StateDir,
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
-    with duckdb.get_connection() as conn:
-        dump_date, vocab = read_lineage(conn, "tag_vocabulary")
-        _, posts = read_lineage(conn, "cleaned_posts")
-        inputs = {"cleaned_posts": posts["key"], "tag_vocabulary": vocab["key"]}
-        key = version_key(inputs, code_version(context), config.model_dump())
-        final_dir = state.features / f"features-{key}"
-        if built_from(conn, "feature_matrix", key) and (final_dir / "layout.json").exists():
-            context.log.info("feature_matrix is already built from these inputs: reused")
-            return reused_result(conn, dump_date, key, inputs, path=str(final_dir))
-        previous = (last_build(conn, "feature_matrix") or ("", {}))[1].get("dir")
-    part_dir = final_dir.with_name("." + final_dir.name + ".part")
-    shutil.rmtree(part_dir, ignore_errors=True)
-    part_dir.mkdir(parents=True)
-    matrix = part_dir / "matrix.parquet"
-    try:
+    # Only the matrix in use is kept: older ones are rebuilt from their tables if ever needed.
+    with stage.begin(
+        context, duckdb, state, inputs=["cleaned_posts", "tag_vocabulary"],
+        config=config.model_dump(), folder=state.features, keep=1,
+    ) as st:
+        final_dir = state.features / f"features-{st.version}"
+        if st.reuse:
+            return st.reused_result(path=dg.MetadataValue.path(str(final_dir / "matrix.parquet")))
         with duckdb.get_connection() as conn:
-            with query_progress(conn, context.log.info, "building features"):
-                conn.execute(
-                    f"COPY ({feature_sql(dump_date, config)}) TO '{matrix}' "
-                    f"(FORMAT parquet, ROW_GROUP_SIZE {config.row_group_size}, COMPRESSION zstd)"
-                )
-            layout = _layout(conn, matrix, config)
-            (part_dir / "layout.json").write_text(json.dumps(layout.to_dict(), indent=1))
-            counts = conn.execute(
-                f"SELECT count(*), count(*) FILTER (WHERE holdout), "
-                f"count(*) FILTER (WHERE trainable AND NOT holdout) FROM read_parquet('{matrix}')"
-            ).fetchone()
-            schema = conn.execute(f"DESCRIBE SELECT * FROM read_parquet('{matrix}')").fetchall()
-            shutil.rmtree(final_dir, ignore_errors=True)
-            os.replace(part_dir, final_dir)
-            with transaction(conn):
-                record_lineage(
-                    conn,
-                    "feature_matrix",
-                    dump_date,
-                    {"key": key, "dir": str(final_dir), "rows": int(counts[0])},
-                )
-    except BaseException:
-        shutil.rmtree(part_dir, ignore_errors=True)
-        raise
-    if previous and Path(previous).exists() and Path(previous) != final_dir:
-        shutil.rmtree(previous, ignore_errors=True)
-    size = (final_dir / "matrix.parquet").stat().st_size
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(key),
-        metadata={
-            **lineage_metadata(dump_date, key, inputs, reused=False),
-            "dagster/row_count": dg.MetadataValue.int(int(counts[0])),
-            "dagster/column_schema": dg.TableSchema(
-                columns=[dg.TableColumn(r[0], r[1]) for r in schema]
-            ),
-            "holdout_rows": dg.MetadataValue.int(int(counts[1])),
-            "training_rows": dg.MetadataValue.int(int(counts[2])),
-            "numeric_features": dg.MetadataValue.json(list(NUMERIC_FEATURES)),
-            "path": dg.MetadataValue.path(str(final_dir / "matrix.parquet")),
-            "bytes": dg.MetadataValue.int(size),
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
-    )
+            out = stage_features(conn, st.path(final_dir), st.dump_date, config, context.log.info)
+        return st.finish(
+            info={"dir": str(final_dir), "rows": out["rows"]},
+            metadata={
+                "dagster/row_count": dg.MetadataValue.int(out["rows"]),
+                "dagster/column_schema": dg.TableSchema(
+                    columns=[dg.TableColumn(n, t) for n, t in out["schema"]]
+                ),
+                "holdout_rows": dg.MetadataValue.int(out["holdout_rows"]),
+                "training_rows": dg.MetadataValue.int(out["training_rows"]),
+                "numeric_features": dg.MetadataValue.json(list(NUMERIC_FEATURES)),
+                "path": dg.MetadataValue.path(str(final_dir / "matrix.parquet")),
+                "bytes": dg.MetadataValue.int(out["bytes"]),
+                "seconds": round(time.perf_counter() - t0, 2),
+            },
+        )

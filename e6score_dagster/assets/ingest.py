@@ -4,15 +4,17 @@ import hashlib
 import json
 import time
 import warnings
+from pathlib import Path
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from e6score_dagster import stage
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
+from e6score_dagster.code_versions import code_version
 from e6score_dagster.csv_read import read_header
 from e6score_dagster.dump_source import DumpFiles
-from e6score_dagster.resources import DumpSourceResource, StateDir
-from e6score_dagster.store import built_from, lineage_metadata, record_lineage, transaction
+from e6score_dagster.resources import DATE_RE, DumpSourceResource, StateDir
 
 
 def _observe_e621_dump(
@@ -49,10 +51,31 @@ def content_hash(files: DumpFiles) -> str:
     return h.hexdigest()
 
 
+def _keep_newer_downloads(current_date: str):
+    """Retention spares dump folders newer than the one in use: resumable downloads."""
+
+    def protect(entry: Path) -> bool:
+        return bool(DATE_RE.fullmatch(entry.name)) and entry.name > current_date
+
+    return protect
+
+
+def _dump_metadata(files: DumpFiles, location: str, sha256: str) -> dict:
+    return {
+        "source": location,
+        "content_sha256": sha256,
+        **{f"{k}_bytes": dg.MetadataValue.int(v) for k, v in files.sizes().items()},
+        "path": dg.MetadataValue.path(str(files.posts.parent)),
+        "dagster/column_schema": dg.TableSchema(
+            columns=[dg.TableColumn(c, "text") for c in read_header(files.posts)]
+        ),
+    }
+
+
 @dg.asset(
     group_name="ingest",
     kinds={"http", "gzip"},
-    code_version="1",
+    code_version=code_version(__name__),
     pool="duckdb",
     deps=["e621_dump"],
     automation_condition=ON_NEW_DATA_VERSION,
@@ -68,33 +91,24 @@ def raw_dump(
     t0 = time.perf_counter()
     source = dump_source.client(progress=context.log.info)
     files = source.fetch_newest(state.dumps)  # falls back to an earlier dump if need be
-    date = files.date
-    context.log.info(f"using dump {date} from {dump_source.location}")
-    version = content_hash(files)
-    key = version[:16]
-    info = {
-        "key": key,
-        "posts": str(files.posts),
-        "tags": str(files.tags),
-        "pools": str(files.pools) if files.pools else None,
-        "sha256": version,
-        "source": dump_source.location,
-    }
-    with duckdb.get_connection() as conn, transaction(conn):
-        reused = built_from(conn, "raw_dump", key) is not None
-        record_lineage(conn, "raw_dump", date, info)
-    sizes = files.sizes()
-    return dg.MaterializeResult(
-        metadata={
-            **lineage_metadata(date, key, {"source": dump_source.location}, reused),
+    context.log.info(f"using dump {files.date} from {dump_source.location}")
+    sha256 = content_hash(files)
+    # The dump's version is its content: the files are its output, verified in place.
+    with stage.begin(
+        context, duckdb, state, version=sha256[:16], dump_date=files.date,
+        folder=state.dumps, protect=_keep_newer_downloads(files.date),
+    ) as st:
+        meta = {**_dump_metadata(files, dump_source.location, sha256),
+                "seconds": round(time.perf_counter() - t0, 2)}
+        if st.reuse:
+            return st.reused_result(**meta)
+        paths = [p for p in (files.posts, files.tags, files.pools) if p is not None]
+        st.adopt(*paths)
+        info = {
+            "posts": str(files.posts),
+            "tags": str(files.tags),
+            "pools": str(files.pools) if files.pools else None,
+            "sha256": sha256,
             "source": dump_source.location,
-            "content_sha256": version,
-            **{f"{k}_bytes": dg.MetadataValue.int(v) for k, v in sizes.items()},
-            "path": dg.MetadataValue.path(str(files.posts.parent)),
-            "dagster/column_schema": dg.TableSchema(
-                columns=[dg.TableColumn(c, "text") for c in read_header(files.posts)]
-            ),
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
-        data_version=dg.DataVersion(key),
-    )
+        }
+        return st.finish(info, metadata=meta)

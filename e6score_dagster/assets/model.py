@@ -1,6 +1,7 @@
 """Fitting the E6Score model on the feature matrix; params keyed by what they were built from."""
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -8,12 +9,13 @@ import numpy as np
 from dagster_duckdb import DuckDBResource
 from scipy.stats import norm
 
+from e6score_dagster import stage
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
+from e6score_dagster.code_versions import code_version
 from e6score_dagster.model import (
     FeatureLayout,
     ModelConfig,
     ParquetBatches,
-    load_params,
     predict,
     save_params,
 )
@@ -22,14 +24,6 @@ from e6score_dagster.model.params import Fitted
 from e6score_dagster.model.train import baseline_config, fit_with_baseline, metrics_with_constant
 from e6score_dagster.plots import calibration_md, line_plot_md, scatter_md
 from e6score_dagster.resources import StateDir
-from e6score_dagster.store import (
-    code_version,
-    lineage_metadata,
-    read_lineage,
-    record_lineage,
-    transaction,
-    version_key,
-)
 
 _DEFAULTS = ModelConfig()
 
@@ -68,62 +62,19 @@ class TrainingConfig(dg.Config):
         return ModelConfig.from_dict(self.model_dump())
 
 
-@dg.asset(
-    group_name="model",
-    deps=["feature_matrix"],
-    kinds={"jax", "msgpack"},
-    code_version="2",
-    pool="duckdb",
-    automation_condition=ON_NEW_DATA_VERSION,
-    check_specs=[
-        dg.AssetCheckSpec(
-            "beats_baselines",
-            asset="fitted_params",
-            blocking=True,
-            description="Held-out NLL beats (by at least 0.001) a constant log-normal and a "
-            "linear model on tag indicators plus metadata, fitted on the same split. A fit that "
-            "does not is kept for inspection but not used: the previous params stay in use.",
-        )
-    ],
-    description="The fitted E6Score model (Flax params, msgpack), trained on every non-deleted "
-    "post outside the hold-out set. One file per (feature matrix, code version, config) under "
-    "`$E6SCORE_HOME/params/`: the same inputs never train twice, and earlier files stay "
-    "loadable.",
-)
-def fitted_params(
-    context: dg.AssetExecutionContext,
-    config: TrainingConfig,
-    duckdb: DuckDBResource,
-    state: StateDir,
-) -> dg.MaterializeResult:
-    t0 = time.perf_counter()
-    with duckdb.get_connection() as conn:
-        dump_date, features = read_lineage(conn, "feature_matrix")
-    mcfg = config.to_model_config()
-    inputs = {"feature_matrix": features["key"]}
-    key = version_key(inputs, code_version(context), mcfg.to_dict())
-    path = state.params / f"{dump_date}-{key}.msgpack"
-    if path.exists():
-        context.log.info(f"params for these inputs, code and config exist: reusing {path.name}")
-        meta = load_params(path).meta
-        gate = _gate(meta.get("metrics", {}))
-        if gate.passed:
-            with duckdb.get_connection() as conn, transaction(conn):
-                record_lineage(
-                    conn, "fitted_params", dump_date, {"key": key, "path": str(path), **meta}
-                )
-        return dg.MaterializeResult(
-            data_version=dg.DataVersion(key),
-            metadata={
-                **lineage_metadata(dump_date, key, inputs, reused=True),
-                "params_path": dg.MetadataValue.path(str(path)),
-                **_metric_metadata(meta.get("metrics", {})),
-            },
-            check_results=[gate],
-        )
-    fdir = Path(features["dir"])
-    layout = FeatureLayout.read(fdir / "layout.json")
-    matrix = fdir / "matrix.parquet"
+@dataclass
+class Fit:
+    """What one fit produced: the params to save, their held-out metrics, what to report."""
+
+    fitted: Fitted
+    metrics: dict
+    metadata: dict
+
+
+def fit_model(mcfg: ModelConfig, features: Path, meta: dict, log) -> Fit:
+    """Fit on the feature matrix in `features`; held-out metrics for the model and baselines."""
+    layout = FeatureLayout.read(features / "layout.json")
+    matrix = features / "matrix.parquet"
     split = {"validation_fraction": mcfg.validation_fraction}
     data = ParquetBatches(
         matrix, layout, mcfg.batch_size, rows="train", shuffle_seed=mcfg.seed, **split
@@ -131,7 +82,7 @@ def fitted_params(
     validation = ParquetBatches(matrix, layout, 8192, rows="validation", **split)
     held_out = ParquetBatches(matrix, layout, 8192, rows="holdout")
     # The linear baseline: same split and optimiser, additive in the tags and metadata.
-    fits = fit_with_baseline(mcfg, layout, data, validation, log=context.log.info)
+    fits = fit_with_baseline(mcfg, layout, data, validation, log=log)
     result = fits.model
     y, mu, sigma = predict(mcfg, layout, result.params, held_out)
     metrics = metrics_with_constant(y, mu, sigma, layout)
@@ -143,60 +94,99 @@ def fitted_params(
         if sy.size:
             stage_metrics = predictive_metrics(sy, smu, ssigma)
             metrics |= {f"{name}_{k}": v for k, v in stage_metrics.items() if k != "n"}
-    context.log.info(f"held-out metrics: {metrics}")
-    gate = _gate(metrics)
-    meta = {
-        "dump_date": dump_date,
-        "inputs": inputs,
-        "code_version": code_version(context),
-        "metrics": metrics,
-    }
-    save_params(path, Fitted(result.params, mcfg, layout, meta))
-    if gate.passed:
-        with duckdb.get_connection() as conn, transaction(conn):
-            record_lineage(
-                conn, "fitted_params", dump_date, {"key": key, "path": str(path), **meta}
-            )
-    else:
-        context.log.warning(
-            f"the new fit does not beat {gate.metadata['loses_to'].value}: kept {path.name} for "
-            "inspection, the previous params stay in use"
-        )
+    log(f"held-out metrics: {metrics}")
     curve = [(h["step"], h["loss"]) for h in result.history]
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(key),
-        metadata={
-            **lineage_metadata(dump_date, key, inputs, reused=False),
-            "params_path": dg.MetadataValue.path(str(path)),
-            "config": dg.MetadataValue.json(mcfg.to_dict()),
-            "training_posts": dg.MetadataValue.int(data.num_rows()),
-            **_metric_metadata(metrics),
-            "validation_posts": dg.MetadataValue.int(validation.num_rows()),
-            "steps": dg.MetadataValue.int(result.steps),
-            "best_step": dg.MetadataValue.int(result.best_step),
-            "sigma_calibration": round(result.sigma_calibration, 4),
-            "train_seconds": round(result.seconds, 2),
-            "validation_seconds": round(result.eval_seconds, 2),
-            "stage_seconds": dg.MetadataValue.json(
-                {
-                    "linear": round(fits.linear.seconds, 2),
-                    **({"additive": round(fits.additive.seconds, 2)} if fits.additive else {}),
-                    "deep": round(result.seconds, 2),
-                }
-            ),
-            "posts_per_second": round(result.posts_per_second, 1),
-            "data_wait_share": round(result.data_wait_seconds / max(result.seconds, 1e-9), 4),
-            "loss_curve": dg.MetadataValue.md(line_plot_md(curve, "step", "training NLL")),
-            "validation_curve": dg.MetadataValue.md(
-                line_plot_md(
-                    [(v["step"], v["nll"]) for v in result.validation], "step", "validation NLL"
-                )
-            ),
-            **_plots(y, mu, sigma),
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
-        check_results=[gate],
-    )
+    metadata = {
+        "config": dg.MetadataValue.json(mcfg.to_dict()),
+        "training_posts": dg.MetadataValue.int(data.num_rows()),
+        **_metric_metadata(metrics),
+        "validation_posts": dg.MetadataValue.int(validation.num_rows()),
+        "steps": dg.MetadataValue.int(result.steps),
+        "best_step": dg.MetadataValue.int(result.best_step),
+        "sigma_calibration": round(result.sigma_calibration, 4),
+        "train_seconds": round(result.seconds, 2),
+        "validation_seconds": round(result.eval_seconds, 2),
+        "stage_seconds": dg.MetadataValue.json(
+            {
+                "linear": round(fits.linear.seconds, 2),
+                **({"additive": round(fits.additive.seconds, 2)} if fits.additive else {}),
+                "deep": round(result.seconds, 2),
+            }
+        ),
+        "posts_per_second": round(result.posts_per_second, 1),
+        "data_wait_share": round(result.data_wait_seconds / max(result.seconds, 1e-9), 4),
+        "loss_curve": dg.MetadataValue.md(line_plot_md(curve, "step", "training NLL")),
+        "validation_curve": dg.MetadataValue.md(
+            line_plot_md(
+                [(v["step"], v["nll"]) for v in result.validation], "step", "validation NLL"
+            )
+        ),
+        **_plots(y, mu, sigma),
+    }
+    fitted = Fitted(result.params, mcfg, layout, {**meta, "metrics": metrics})
+    return Fit(fitted, metrics, metadata)
+
+
+@dg.asset(
+    group_name="model",
+    deps=["feature_matrix"],
+    kinds={"jax", "msgpack"},
+    code_version=code_version(__name__),
+    pool="duckdb",
+    automation_condition=ON_NEW_DATA_VERSION,
+    check_specs=[
+        dg.AssetCheckSpec(
+            "beats_baselines",
+            asset="fitted_params",
+            blocking=True,
+            description="Held-out NLL beats (by at least 0.001) a constant log-normal and a "
+            "linear model on tag indicators plus metadata, fitted on the same split. A fit that "
+            "does not is not published: the previous params stay in use (its metrics stay in "
+            "the lineage history).",
+        )
+    ],
+    description="The fitted E6Score model (Flax params, msgpack), trained on every non-deleted "
+    "post outside the hold-out set. One file per version (feature matrix, code version, "
+    "config) under `$E6SCORE_HOME/params/`: the same inputs never train twice; the files of "
+    "the last `E6SCORE_KEEP_DUMPS` published versions stay loadable.",
+)
+def fitted_params(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    duckdb: DuckDBResource,
+    state: StateDir,
+) -> dg.MaterializeResult:
+    t0 = time.perf_counter()
+    mcfg = config.to_model_config()
+    with stage.begin(
+        context, duckdb, state, inputs=["feature_matrix"], config=mcfg.to_dict(),
+        folder=state.params,
+    ) as st:
+        if st.reuse:
+            path = Path(st.reuse.info["path"])
+            return st.reused_result(
+                params_path=dg.MetadataValue.path(str(path)),
+                **_metric_metadata(st.reuse.info.get("metrics", {})),
+            )
+        path = state.params / f"{st.dump_date}-{st.version}.msgpack"
+        meta = {
+            "dump_date": st.dump_date,
+            "inputs": st.input_versions,
+            "code_version": st.code_version,
+        }
+        fit = fit_model(
+            mcfg, Path(st.inputs["feature_matrix"].info["dir"]), meta, context.log.info
+        )
+        save_params(st.path(path), fit.fitted)
+        return st.finish(
+            info={"path": str(path), **fit.fitted.meta},
+            checks=[_gate(fit.metrics)],
+            metadata={
+                "params_path": dg.MetadataValue.path(str(path)),
+                **fit.metadata,
+                "seconds": round(time.perf_counter() - t0, 2),
+            },
+        )
 
 
 def _plots(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> dict:

@@ -1,6 +1,6 @@
 """Every cleaned post scored with the current params: the table and the CSV export."""
 
-import os
+import shutil
 import time
 from pathlib import Path
 
@@ -10,24 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster_duckdb import DuckDBResource
 
+from e6score_dagster import checks, stage
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
+from e6score_dagster.code_versions import code_version
 from e6score_dagster.gzip_file import gzip_file
 from e6score_dagster.model import ParquetBatches, load_params, score_batches
 from e6score_dagster.plots import histogram_md
 from e6score_dagster.resources import StateDir
 from e6score_dagster.schema import POSTS_COLUMNS
-from e6score_dagster.store import (
-    built_from,
-    code_version,
-    lineage_metadata,
-    query_progress,
-    read_lineage,
-    record_lineage,
-    reused_result,
-    table_metadata,
-    transaction,
-    version_key,
-)
+from e6score_dagster.store import query_progress
 
 SCORE_SCHEMA = pa.schema(
     [
@@ -87,13 +78,69 @@ def _write_scores(fitted, matrix: Path, out: Path, log) -> tuple[int, float]:
     return done, time.perf_counter() - t0
 
 
+def stage_scores(conn, scores: Path, table: str, dump_date: str) -> None:
+    """The scores joined to the published posts, into the staging `table`."""
+    conn.execute(
+        f"""
+        CREATE OR REPLACE TABLE {table} AS
+        SELECT c.id, c.fav_count, s.expected_fav_count, s.fav_score, s.fav_zscore,
+               DATE '{dump_date}' AS dump_date, s.mu AS pred_log_mean,
+               s.sigma AS pred_log_scale, c.rating, c.file_ext, c.created_at,
+               c.is_deleted
+        FROM cleaned_posts c JOIN read_parquet('{scores}') s USING (id)
+        ORDER BY c.id
+        """
+    )
+
+
+def write_csv_export(conn, table: str, tmp_csv: Path, out: Path, log) -> None:
+    """Every original posts column plus fav_score, gzip-compressed to `out`."""
+    cols = ", ".join(export_column_sql(c) for c in POSTS_COLUMNS)
+    # DuckDB writes plain CSV on all threads; gzip (single-threaded in DuckDB) is done after,
+    # on all cores.
+    with query_progress(conn, log, "writing the CSV export"):
+        conn.execute(
+            f"COPY (SELECT {cols}, s.fav_score FROM cleaned_posts c "
+            f"JOIN {table} s USING (id) ORDER BY c.id) TO '{tmp_csv}' (FORMAT csv, HEADER)"
+        )
+    log(f"compressing the export ({tmp_csv.stat().st_size / 1e6:,.0f} MB)")
+    gzip_file(tmp_csv, out)
+    tmp_csv.unlink()
+
+
+def score_summary(conn, table: str) -> dict:
+    summary = conn.execute(
+        f"SELECT avg(fav_score), median(fav_score), corr(fav_score, fav_zscore) FROM {table}"
+    ).fetchone()
+    sample = conn.execute(
+        f"SELECT fav_score FROM {table} USING SAMPLE 100000 ROWS"
+    ).fetchnumpy()["fav_score"]
+    preview = {
+        order: conn.execute(
+            "SELECT id, fav_count, round(expected_fav_count, 1), round(fav_score, 4) "
+            f"FROM {table} ORDER BY fav_score {order}, id LIMIT 10"
+        ).fetchall()
+        for order in ("DESC", "ASC")
+    }
+    return {
+        "mean_fav_score": float(summary[0]),
+        "median_fav_score": float(summary[1]),
+        "top_posts": dg.MetadataValue.md(preview_md(preview["DESC"])),
+        "bottom_posts": dg.MetadataValue.md(preview_md(preview["ASC"])),
+        "fav_score_histogram": dg.MetadataValue.md(
+            histogram_md(np.asarray(sample), "fav_score", bins=40)
+        ),
+    }
+
+
 @dg.asset(
     group_name="scoring",
     deps=["fitted_params", "feature_matrix", "cleaned_posts"],
     kinds={"jax", "duckdb", "csv"},
-    code_version="1",
+    code_version=code_version(__name__),
     pool="duckdb",
     automation_condition=ON_NEW_DATA_VERSION,
+    check_specs=[checks.EVERY_POST_SCORED],
     description="`fav_score` for every cleaned post: the model's probability of a favourite "
     "count at or below the observed one, given metadata only (0.5 = as expected). Also "
     "`expected_fav_count` (predictive median) and `fav_zscore`. Table `scored_posts` plus "
@@ -103,114 +150,43 @@ def scored_posts(
     context: dg.AssetExecutionContext, duckdb: DuckDBResource, state: StateDir
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
-    with duckdb.get_connection() as conn:
-        dump_date, params_info = read_lineage(conn, "fitted_params")
-        _, features = read_lineage(conn, "feature_matrix")
-        posts_date, posts = read_lineage(conn, "cleaned_posts")
-        if posts_date != dump_date:
-            raise dg.Failure(f"params are for {dump_date} but cleaned_posts is from {posts_date}")
-        inputs = {
-            "fitted_params": params_info["key"],
-            "feature_matrix": features["key"],
-            "cleaned_posts": posts["key"],
-        }
-        key = version_key(inputs, code_version(context))
-        export = state.exports / f"score-{dump_date}.csv.gz"
-        # The export is written after the table's transaction; a run killed in between must
-        # not leave a "reused" table with no export.
-        if built_from(conn, "scored_posts", key) and export.exists():
-            context.log.info("scored_posts is already built from these inputs: reused")
-            return reused_result(conn, dump_date, key, inputs, "scored_posts")
-    fitted = load_params(Path(params_info["path"]))
-    matrix = Path(features["dir"]) / "matrix.parquet"
-    tmp_scores = state.sub("tmp") / f"scores-{os.getpid()}.parquet"
-    tmp_csv = tmp_scores.with_suffix(".csv")
-    export_part = export.with_name("." + export.name + ".part")
-    try:
-        n_scored, score_s = _write_scores(fitted, matrix, tmp_scores, context.log.info)
-        context.log.info(f"scored {n_scored:,} posts in {score_s:.1f}s")
-        with duckdb.get_connection() as conn:
-            with transaction(conn):
-                conn.execute(
-                    f"""
-                    CREATE OR REPLACE TABLE scored_posts AS
-                    SELECT c.id, c.fav_count, s.expected_fav_count, s.fav_score, s.fav_zscore,
-                           DATE '{dump_date}' AS dump_date, s.mu AS pred_log_mean,
-                           s.sigma AS pred_log_scale, c.rating, c.file_ext, c.created_at,
-                           c.is_deleted
-                    FROM cleaned_posts c JOIN read_parquet('{tmp_scores}') s USING (id)
-                    ORDER BY c.id
-                    """
-                )
-                n_table = conn.execute("SELECT count(*) FROM scored_posts").fetchone()[0]
-                n_clean = conn.execute("SELECT count(*) FROM cleaned_posts").fetchone()[0]
-                if n_table != n_clean:
-                    raise dg.Failure(f"scored {n_table} posts but {n_clean} are cleaned")
-                record_lineage(
-                    conn,
-                    "scored_posts",
-                    dump_date,
-                    {
-                        "key": key,
-                        "params": params_info["path"],
-                        "rows": int(n_table),
-                        "export": str(export),
-                    },
-                )
-            cols = ", ".join(export_column_sql(c) for c in POSTS_COLUMNS)
-            t_export = time.perf_counter()
-            # DuckDB writes plain CSV on all threads; gzip (single-threaded in DuckDB) is done
-            # after, on all cores.
-            with query_progress(conn, context.log.info, "writing the CSV export"):
-                conn.execute(
-                    f"COPY (SELECT {cols}, s.fav_score FROM cleaned_posts c "
-                    f"JOIN scored_posts s USING (id) ORDER BY c.id) TO '{tmp_csv}' "
-                    "(FORMAT csv, HEADER)"
-                )
-            context.log.info(f"compressing the export ({tmp_csv.stat().st_size / 1e6:,.0f} MB)")
-            gzip_file(tmp_csv, export_part)
-            os.replace(export_part, export)
-            export_s = time.perf_counter() - t_export
-            meta = table_metadata(conn, "scored_posts")
-            summary = conn.execute(
-                "SELECT avg(fav_score), median(fav_score), corr(fav_score, fav_zscore) "
-                "FROM scored_posts"
-            ).fetchone()
-            sample = conn.execute(
-                "SELECT fav_score FROM scored_posts USING SAMPLE 100000 ROWS"
-            ).fetchnumpy()["fav_score"]
-            preview = {
-                order: conn.execute(
-                    "SELECT id, fav_count, round(expected_fav_count, 1), round(fav_score, 4) "
-                    f"FROM scored_posts ORDER BY fav_score {order}, id LIMIT 10"
-                ).fetchall()
-                for order in ("DESC", "ASC")
-            }
-    finally:
-        tmp_scores.unlink(missing_ok=True)
-        tmp_csv.unlink(missing_ok=True)
-        export_part.unlink(missing_ok=True)
-
-    removed = state.prune_dumps(keep_through=dump_date)
-    if removed:
-        context.log.info(f"removed dumps older than the newest {state.keep_dumps}: {removed}")
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(key),
-        metadata={
-            **meta,
-            **lineage_metadata(dump_date, key, inputs, reused=False),
-            "params_path": dg.MetadataValue.path(params_info["path"]),
-            "export_path": dg.MetadataValue.path(str(export)),
-            "mean_fav_score": float(summary[0]),
-            "median_fav_score": float(summary[1]),
-            "posts_per_second": round(n_scored / max(score_s, 1e-9), 1),
-            "score_seconds": round(score_s, 2),
-            "export_seconds": round(export_s, 2),
-            "top_posts": dg.MetadataValue.md(preview_md(preview["DESC"])),
-            "bottom_posts": dg.MetadataValue.md(preview_md(preview["ASC"])),
-            "fav_score_histogram": dg.MetadataValue.md(
-                histogram_md(np.asarray(sample), "fav_score", bins=40)
-            ),
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
-    )
+    with stage.begin(
+        context, duckdb, state, inputs=["fitted_params", "feature_matrix", "cleaned_posts"],
+        tables=["scored_posts"], folder=state.exports,
+    ) as st:
+        export = state.exports / f"score-{st.dump_date}.csv.gz"
+        if st.reuse:
+            return st.reused_result(export_path=dg.MetadataValue.path(str(export)))
+        params = st.inputs["fitted_params"].info["path"]
+        fitted = load_params(Path(params))
+        matrix = Path(st.inputs["feature_matrix"].info["dir"]) / "matrix.parquet"
+        scores = st.tmp / "scores.parquet"  # st.tmp is emptied at the start of every build
+        try:
+            n_scored, score_s = _write_scores(fitted, matrix, scores, context.log.info)
+            context.log.info(f"scored {n_scored:,} posts in {score_s:.1f}s")
+            table = st.table("scored_posts")
+            with duckdb.get_connection() as conn:
+                stage_scores(conn, scores, table, st.dump_date)
+                check = checks.every_post_scored(conn, table)
+                t_export = time.perf_counter()
+                if check.passed:  # no export of scores that will not be published
+                    write_csv_export(
+                        conn, table, st.tmp / "export.csv", st.path(export), context.log.info
+                    )
+                export_s = time.perf_counter() - t_export
+                summary = score_summary(conn, table)
+        finally:
+            shutil.rmtree(st.tmp, ignore_errors=True)
+        return st.finish(
+            info={"params": params, "rows": n_scored, "export": str(export)},
+            checks=[check],
+            metadata={
+                "params_path": dg.MetadataValue.path(params),
+                "export_path": dg.MetadataValue.path(str(export)),
+                **summary,
+                "posts_per_second": round(n_scored / max(score_s, 1e-9), 1),
+                "score_seconds": round(score_s, 2),
+                "export_seconds": round(export_s, 2),
+                "seconds": round(time.perf_counter() - t0, 2),
+            },
+        )
