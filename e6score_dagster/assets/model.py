@@ -1,6 +1,7 @@
 """Fitting the E6Score model on the feature matrix; params keyed by what they were built from."""
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -19,8 +20,15 @@ from e6score_dagster.model import (
 )
 from e6score_dagster.model.metrics import predictive_metrics
 from e6score_dagster.model.params import Fitted
-from e6score_dagster.model.train import baseline_config, fit_with_baseline, metrics_with_constant
-from e6score_dagster.plots import calibration_md, line_plot_md, scatter_md
+from e6score_dagster.model.train import (
+    Fits,
+    TrainResult,
+    baseline_config,
+    fit_with_baseline,
+    metrics_with_constant,
+)
+from e6score_dagster.plots import calibration_md, scatter_md, stage_curves_md
+from e6score_dagster.report import comparison_table_md, gain_over, summary_lines
 from e6score_dagster.resources import StateDir
 from e6score_dagster.store import (
     code_version,
@@ -116,8 +124,8 @@ def fitted_params(
             data_version=dg.DataVersion(key),
             metadata={
                 **lineage_metadata(dump_date, key, inputs, reused=True),
+                **_comparison_metadata(meta.get("metrics", {}), mcfg),
                 "params_path": dg.MetadataValue.path(str(path)),
-                **_metric_metadata(meta.get("metrics", {})),
             },
             check_results=[gate],
         )
@@ -143,7 +151,13 @@ def fitted_params(
         if sy.size:
             stage_metrics = predictive_metrics(sy, smu, ssigma)
             metrics |= {f"{name}_{k}": v for k, v in stage_metrics.items() if k != "n"}
-    context.log.info(f"held-out metrics: {metrics}")
+    metrics |= _validation_nlls(fits)
+    curves = _stage_curves(fits)
+    candidates, chosen = _candidates(metrics, mcfg)
+    for line in summary_lines(
+        candidates, chosen, curves.best_steps, curves.kept, int(metrics.get("n", 0))
+    ):
+        context.log.info(line)
     gate = _gate(metrics)
     meta = {
         "dump_date": dump_date,
@@ -162,36 +176,27 @@ def fitted_params(
             f"the new fit does not beat {gate.metadata['loses_to'].value}: kept {path.name} for "
             "inspection, the previous params stay in use"
         )
-    curve = [(h["step"], h["loss"]) for h in result.history]
+    stage_seconds = {name: fit.seconds for name, fit in _stage_fits(fits).items()}
     return dg.MaterializeResult(
         data_version=dg.DataVersion(key),
         metadata={
+            **_comparison_metadata(metrics, mcfg),
+            "stage_curves": dg.MetadataValue.md(curves.markdown),
+            "train_seconds": round(sum(stage_seconds.values()), 2),
+            "posts_per_second": round(result.posts_per_second, 1),
             **lineage_metadata(dump_date, key, inputs, reused=False),
             "params_path": dg.MetadataValue.path(str(path)),
             "config": dg.MetadataValue.json(mcfg.to_dict()),
             "training_posts": dg.MetadataValue.int(data.num_rows()),
-            **_metric_metadata(metrics),
             "validation_posts": dg.MetadataValue.int(validation.num_rows()),
             "steps": dg.MetadataValue.int(result.steps),
             "best_step": dg.MetadataValue.int(result.best_step),
             "sigma_calibration": round(result.sigma_calibration, 4),
-            "train_seconds": round(result.seconds, 2),
             "validation_seconds": round(result.eval_seconds, 2),
             "stage_seconds": dg.MetadataValue.json(
-                {
-                    "linear": round(fits.linear.seconds, 2),
-                    **({"additive": round(fits.additive.seconds, 2)} if fits.additive else {}),
-                    "deep": round(result.seconds, 2),
-                }
+                {name: round(sec, 2) for name, sec in stage_seconds.items()}
             ),
-            "posts_per_second": round(result.posts_per_second, 1),
             "data_wait_share": round(result.data_wait_seconds / max(result.seconds, 1e-9), 4),
-            "loss_curve": dg.MetadataValue.md(line_plot_md(curve, "step", "training NLL")),
-            "validation_curve": dg.MetadataValue.md(
-                line_plot_md(
-                    [(v["step"], v["nll"]) for v in result.validation], "step", "validation NLL"
-                )
-            ),
             **_plots(y, mu, sigma),
             "seconds": round(time.perf_counter() - t0, 2),
         },
@@ -227,9 +232,82 @@ def _gate(metrics: dict) -> dg.AssetCheckResult:
     )
 
 
-def _metric_metadata(metrics: dict) -> dict:
-    """Every held-out number, as floats so the UI plots them across materialisations."""
+def _stage_fits(fits: Fits) -> dict[str, TrainResult]:
+    """The fits of this materialisation by stage name, in the order they ran."""
+    if fits.model is fits.linear:  # architecture "linear": the baseline is the model
+        return {"linear": fits.linear}
+    stages = {"linear": fits.linear}
+    if fits.additive is not None:
+        stages["additive"] = fits.additive
+    stages["deep"] = fits.model
+    return stages
+
+
+def _validation_nlls(fits: Fits) -> dict[str, float]:
+    """Each fit's best validation NLL, keyed like the held-out metrics (the model unprefixed)."""
+    out = {}
+    for name, fit in _stage_fits(fits).items():
+        if fit.validation:
+            prefix = "" if fit is fits.model else f"{name}_"
+            out[f"{prefix}val_nll"] = min(v["nll"] for v in fit.validation)
+    return out
+
+
+@dataclass
+class _Curves:
+    markdown: str
+    best_steps: dict[str, int]
+    kept: dict[str, bool]
+
+
+def _stage_curves(fits: Fits) -> _Curves:
+    """Every fitted stage's validation curve (training loss when there is no validation
+    slice); the deep stage is not kept when no step beat its warm start."""
+    stages = _stage_fits(fits)
+    on_validation = all(fit.validation for fit in stages.values())
+    curves = {
+        name: [(v["step"], v["nll"]) for v in fit.validation]
+        if on_validation
+        else [(h["step"], h["loss"]) for h in fit.history]
+        for name, fit in stages.items()
+    }
+    best_steps = {name: fit.best_step for name, fit in stages.items()}
+    warm = fits.additive is not None
+    kept = {
+        name: not (warm and name == "deep" and fit.best_step == 0) for name, fit in stages.items()
+    }
+    md = stage_curves_md(
+        curves, best_steps, kept, "validation NLL" if on_validation else "training NLL"
+    )
+    return _Curves(md, best_steps, kept)
+
+
+def _candidates(metrics: dict, mcfg: ModelConfig) -> tuple[dict[str, dict], str]:
+    """Held-out (and validation) metrics per candidate, baselines first, and the one in use."""
+    chosen = "linear" if mcfg.architecture == "linear" else "deep"
+    rows: dict[str, dict] = {}
+    for name in ("constant", "linear", "additive"):
+        prefix = f"{name}_"
+        row = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+        if row and name != chosen:
+            rows[name] = row
+    rows[chosen] = {k: v for k, v in metrics.items() if not k.startswith(_PREFIXES) and k != "n"}
+    return rows, chosen
+
+
+_PREFIXES = ("constant_", "linear_", "additive_")
+
+
+def _comparison_metadata(metrics: dict, mcfg: ModelConfig) -> dict:
+    """The comparison table first, then the few numbers the UI plots across materialisations."""
+    if not metrics.get("n"):
+        return {"holdout_posts": dg.MetadataValue.int(0)}
+    candidates, chosen = _candidates(metrics, mcfg)
+    n = int(metrics["n"])
     return {
-        "holdout_posts": dg.MetadataValue.int(int(metrics.get("n", 0))),
-        **{f"holdout_{k}": float(v) for k, v in metrics.items() if k != "n"},
+        "model_comparison": dg.MetadataValue.md(comparison_table_md(candidates, chosen, n)),
+        "holdout_nll": float(metrics["nll"]),
+        "nll_gain_over_linear": gain_over(candidates, chosen, "linear"),
+        "holdout_posts": dg.MetadataValue.int(n),
+        "candidate_metrics": dg.MetadataValue.json(candidates),
     }
