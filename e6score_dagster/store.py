@@ -14,6 +14,8 @@ from typing import Any
 import dagster as dg
 import duckdb
 
+from e6score_dagster.schema import column_description
+
 LINEAGE_DDL = """
 CREATE TABLE IF NOT EXISTS e6score_lineage (
     asset VARCHAR PRIMARY KEY,
@@ -142,7 +144,12 @@ def column_schema(conn: duckdb.DuckDBPyConnection, table: str) -> dg.TableSchema
         "WHERE table_name = ? ORDER BY ordinal_position",
         [table],
     ).fetchall()
-    return dg.TableSchema(columns=[dg.TableColumn(name, dtype) for name, dtype in rows])
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(name, dtype, description=column_description(table, name))
+            for name, dtype in rows
+        ]
+    )
 
 
 def table_metadata(conn: duckdb.DuckDBPyConnection, table: str) -> dict[str, Any]:

@@ -97,6 +97,10 @@ def test_materialisations_carry_metadata_and_checks_pass(pipeline):
     assert scored_meta["dagster/row_count"].value == 3000
     assert [c.name for c in scored_meta["dagster/column_schema"].schema.columns][:5] == [
         "id", "fav_count", "expected_fav_count", "fav_score", "fav_zscore"]
+    for asset in ("cleaned_posts", "tag_vocabulary", "feature_matrix", "scored_posts"):
+        columns = result.asset_materializations_for_node(asset)[0].metadata[
+            "dagster/column_schema"].schema.columns
+        assert [c.name for c in columns if not c.description] == [], asset
     evaluations = result.get_asset_check_evaluations()
     names = {e.check_name for e in evaluations}
     assert names == {c.check_key.name for c in CHECKS} | {"beats_baselines"}

@@ -13,7 +13,7 @@ from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.model import FeatureLayout
 from e6score_dagster.model.network import CATEGORY_CODES
 from e6score_dagster.resources import StateDir
-from e6score_dagster.schema import SITE_LAUNCH
+from e6score_dagster.schema import SITE_LAUNCH, column_description
 from e6score_dagster.store import (
     built_from,
     code_version,
@@ -211,7 +211,12 @@ def feature_matrix(
             **lineage_metadata(dump_date, key, inputs, reused=False),
             "dagster/row_count": dg.MetadataValue.int(int(counts[0])),
             "dagster/column_schema": dg.TableSchema(
-                columns=[dg.TableColumn(r[0], r[1]) for r in schema]
+                columns=[
+                    dg.TableColumn(
+                        r[0], r[1], description=column_description("feature_matrix", r[0])
+                    )
+                    for r in schema
+                ]
             ),
             "holdout_rows": dg.MetadataValue.int(int(counts[1])),
             "training_rows": dg.MetadataValue.int(int(counts[2])),
