@@ -14,6 +14,11 @@ from typing import Any
 import dagster as dg
 import duckdb
 
+from e6score_dagster.local_state import (  # noqa: F401  (re-exported for the assets)
+    MissingUpstreamError,
+    read_lineage,
+    table_exists,
+)
 from e6score_dagster.schema import column_description
 
 LINEAGE_DDL = """
@@ -24,10 +29,6 @@ CREATE TABLE IF NOT EXISTS e6score_lineage (
     info JSON
 )
 """
-
-
-class MissingUpstreamError(RuntimeError):
-    pass
 
 
 @contextmanager
@@ -50,31 +51,6 @@ def record_lineage(
         "INSERT OR REPLACE INTO e6score_lineage VALUES (?, ?, ?, ?)",
         [asset, dump_date, datetime.now(UTC).replace(tzinfo=None), json.dumps(info)],
     )
-
-
-def table_exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
-    row = conn.execute(
-        "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_name = ? AND table_schema = 'main' AND table_catalog = current_database()",
-        [table],
-    ).fetchone()
-    return bool(row and row[0])
-
-
-def read_lineage(conn: duckdb.DuckDBPyConnection, asset: str) -> tuple[str, dict[str, Any]]:
-    """(dump_date, info) of the last successful build of `asset`; a clear error if none.
-
-    Works on read-only connections too (the curation CLI reads while nothing writes).
-    """
-    if not table_exists(conn, "e6score_lineage"):
-        raise MissingUpstreamError(f"`{asset}` has not been materialised yet; materialise it first")
-    row = conn.execute(
-        "SELECT strftime(dump_date, '%Y-%m-%d'), info FROM e6score_lineage WHERE asset = ?",
-        [asset],
-    ).fetchone()
-    if row is None:
-        raise MissingUpstreamError(f"`{asset}` has not been materialised yet; materialise it first")
-    return row[0], json.loads(row[1])
 
 
 @contextmanager

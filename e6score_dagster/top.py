@@ -55,9 +55,14 @@ from typing import Any
 import duckdb
 
 from e6score_dagster.csv_read import DumpFormatError, check_header, read_csv_sql
-from e6score_dagster.resources import DB_FILE, default_home
+from e6score_dagster.local_state import (
+    DB_FILE,
+    MissingUpstreamError,
+    default_home,
+    read_lineage,
+    table_exists,
+)
 from e6score_dagster.schema import RATINGS
-from e6score_dagster.store import MissingUpstreamError, read_lineage, table_exists
 
 PROG = "python -m e6score_dagster.top"
 RANKING = "fav_score * ln(1 + fav_count), highest first; ties by ascending id"

@@ -14,7 +14,8 @@ from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.gzip_file import gzip_file
 from e6score_dagster.model import ParquetBatches, load_params, score_batches
 from e6score_dagster.plots import histogram_md
-from e6score_dagster.resources import StateDir
+from e6score_dagster.report import run_summary_lines
+from e6score_dagster.resources import DB_FILE, StateDir
 from e6score_dagster.schema import POSTS_COLUMNS
 from e6score_dagster.store import (
     built_from,
@@ -62,6 +63,32 @@ def export_column_sql(col: str) -> str:
 def preview_md(rows: list) -> str:
     head = "| id | favs | expected | fav_score |\n|---|---|---|---|\n"
     return head + "\n".join(f"| {i} | {f} | {e} | {s} |" for i, f, e, s in rows)
+
+
+def write_parquet_export(conn, out: Path) -> None:
+    """`scored_posts` as typed Parquet (the table's own columns and types), for people who
+    load scores into dataframes: written under a temporary name, then renamed."""
+    part = out.with_name("." + out.name + ".part")
+    try:
+        conn.execute(
+            f"COPY (SELECT * FROM scored_posts ORDER BY id) TO '{part}' "
+            "(FORMAT parquet, COMPRESSION zstd)"
+        )
+        os.replace(part, out)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _log_run_summary(log, state: StateDir, dump_date: str, posts: int) -> None:
+    """The last lines of a headless run: what was made, where, and what to try next."""
+    lines = run_summary_lines(
+        dump_date,
+        posts,
+        str(state.root / DB_FILE),
+        str(state.exports / f"score-{dump_date}.csv.gz"),
+        str(state.exports / f"score-{dump_date}.parquet"),
+    )
+    log("\n".join(lines))
 
 
 def _write_scores(fitted, matrix: Path, out: Path, log) -> tuple[int, float]:
@@ -116,10 +143,13 @@ def scored_posts(
         }
         key = version_key(inputs, code_version(context))
         export = state.exports / f"score-{dump_date}.csv.gz"
+        parquet_export = export.with_name(f"score-{dump_date}.parquet")
         # The export is written after the table's transaction; a run killed in between must
         # not leave a "reused" table with no export.
-        if built_from(conn, "scored_posts", key) and export.exists():
+        built = built_from(conn, "scored_posts", key)
+        if built and export.exists() and parquet_export.exists():
             context.log.info("scored_posts is already built from these inputs: reused")
+            _log_run_summary(context.log.info, state, dump_date, int(built.get("rows", 0)))
             return reused_result(conn, dump_date, key, inputs, "scored_posts")
     fitted = load_params(Path(params_info["path"]))
     matrix = Path(features["dir"]) / "matrix.parquet"
@@ -170,6 +200,7 @@ def scored_posts(
             context.log.info(f"compressing the export ({tmp_csv.stat().st_size / 1e6:,.0f} MB)")
             gzip_file(tmp_csv, export_part)
             os.replace(export_part, export)
+            write_parquet_export(conn, parquet_export)
             export_s = time.perf_counter() - t_export
             meta = table_metadata(conn, "scored_posts")
             summary = conn.execute(
@@ -194,6 +225,7 @@ def scored_posts(
     removed = state.prune_dumps(keep_through=dump_date)
     if removed:
         context.log.info(f"removed dumps older than the newest {state.keep_dumps}: {removed}")
+    _log_run_summary(context.log.info, state, dump_date, int(n_table))
     return dg.MaterializeResult(
         data_version=dg.DataVersion(key),
         metadata={
@@ -201,6 +233,7 @@ def scored_posts(
             **lineage_metadata(dump_date, key, inputs, reused=False),
             "params_path": dg.MetadataValue.path(params_info["path"]),
             "export_path": dg.MetadataValue.path(str(export)),
+            "parquet_export_path": dg.MetadataValue.path(str(parquet_export)),
             "mean_fav_score": float(summary[0]),
             "median_fav_score": float(summary[1]),
             "posts_per_second": round(n_scored / max(score_s, 1e-9), 1),
