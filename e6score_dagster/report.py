@@ -10,14 +10,16 @@ from collections.abc import Mapping
 
 # (metric key as in model/metrics.py::predictive_metrics, column header); lower NLL is better.
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("val_nll", "validation NLL"),
-    ("nll", "held-out NLL"),
+    ("val_nll", "val NLL"),
+    ("nll", "NLL"),
     ("spearman", "Spearman"),
-    ("mae", "MAE (favs)"),
-    ("coverage_50", "50% interval"),
-    ("coverage_80", "80% interval"),
-    ("coverage_95", "95% interval"),
+    ("mae", "MAE"),
+    ("coverage_50", "cov 50%"),
+    ("coverage_80", "cov 80%"),
+    ("coverage_95", "cov 95%"),
 )
+# Dagster's UI shows a markdown entry inline only below this many characters.
+INLINE_MARKDOWN_CHARS = 1000
 
 
 def sig(value: float | None, digits: int = 4) -> str:
@@ -34,23 +36,22 @@ def comparison_table_md(
     candidates: Mapping[str, Mapping[str, float]], chosen: str, n_posts: int | None = None
 ) -> str:
     """One markdown table, a row per candidate or baseline (in the given order), the chosen
-    one in bold and marked; columns without a value in any row are left out."""
+    one in bold and ticked; columns no row has are left out. Compact, so that the UI shows it
+    inline (under INLINE_MARKDOWN_CHARS for half a dozen rows)."""
     columns = [(k, h) for k, h in TABLE_COLUMNS if any(k in m for m in candidates.values())]
     lines = [
         "| model | " + " | ".join(h for _, h in columns) + " |",
-        "|---|" + "---:|" * len(columns),
+        "|---|" + "--:|" * len(columns),
     ]
     for name, metrics in candidates.items():
-        label = f"**{name}** ✓ chosen" if name == chosen else name
-        cells = [sig(metrics.get(k)) for k, _ in columns]
-        if name == chosen:
-            cells = [f"**{c}**" for c in cells]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    note = "NLL: Gaussian negative log-likelihood of log1p(favs), lower is better; intervals: "
-    note += "share of held-out posts inside the central predictive interval"
-    if n_posts:
-        note = f"{n_posts:,} held-out posts. " + note
-    return "\n".join(lines) + f"\n\n{note}."
+        label = f"**{name}** ✓" if name == chosen else name
+        lines.append(f"| {label} | " + " | ".join(sig(metrics.get(k)) for k, _ in columns) + " |")
+    held_out = f" on {n_posts:,} held-out posts" if n_posts else " on held-out posts"
+    note = (
+        f"✓ in use. Scores{held_out}; NLL of log1p(favs), lower is better; "
+        "cov: share inside the central interval."
+    )
+    return "\n".join(lines) + "\n\n" + note
 
 
 def gain_over(candidates: Mapping[str, Mapping[str, float]], chosen: str, baseline: str) -> float:

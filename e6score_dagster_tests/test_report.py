@@ -8,7 +8,13 @@ import re
 import pytest
 
 from e6score_dagster.plots import stage_curves_md
-from e6score_dagster.report import comparison_table_md, gain_over, sig, summary_lines
+from e6score_dagster.report import (
+    INLINE_MARKDOWN_CHARS,
+    comparison_table_md,
+    gain_over,
+    sig,
+    summary_lines,
+)
 
 CANDIDATES = {
     "constant": {"nll": 1.8801234567, "spearman": 0.0, "mae": 101.23456, "coverage_50": 0.51,
@@ -38,23 +44,28 @@ def _rows(md: str) -> list[list[str]]:
 def test_comparison_table_has_a_row_per_candidate_and_marks_the_chosen_one():
     md = comparison_table_md(CANDIDATES, "deep", n_posts=2000)
     header, rule, *rows = _rows(md)
-    assert header == ["model", "validation NLL", "held-out NLL", "Spearman", "MAE (favs)",
-                      "50% interval", "80% interval", "95% interval"]
+    assert header == ["model", "val NLL", "NLL", "Spearman", "MAE", "cov 50%", "cov 80%",
+                      "cov 95%"]
     assert len(rule) == len(header)
-    assert [r[0] for r in rows] == ["constant", "linear", "**deep** ✓ chosen"]
+    assert [r[0] for r in rows] == ["constant", "linear", "**deep** ✓"]
     assert rows[0][1] == "–"  # the constant has no validation NLL
     assert rows[1][2] == "1.522" and rows[1][3] == "0.7012"
-    assert rows[2][2] == "**1.480**" and rows[2][4] == "**12350**"
+    assert rows[2][2] == "1.480" and rows[2][4] == "12350"
     assert "2,000 held-out posts" in md
     # Nothing printed with more than four significant digits.
     assert not re.search(r"\d\.\d{5,}", md)
 
 
+def test_comparison_table_of_many_candidates_still_shows_inline_in_the_ui():
+    many = {f"candidate_{i}": CANDIDATES["linear"] for i in range(7)}
+    assert len(comparison_table_md(many, "candidate_3", n_posts=600_000)) < INLINE_MARKDOWN_CHARS
+
+
 def test_columns_nobody_has_are_left_out():
     md = comparison_table_md({"linear": {"nll": 1.5}, "deep": {"nll": 1.4}}, "linear")
     header, _, *rows = _rows(md)
-    assert header == ["model", "held-out NLL"]
-    assert rows[0][0] == "**linear** ✓ chosen"
+    assert header == ["model", "NLL"]
+    assert rows[0][0] == "**linear** ✓"
 
 
 def test_gain_over_linear():

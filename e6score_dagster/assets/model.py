@@ -306,8 +306,8 @@ def _comparison_metadata(metrics: dict, mcfg: ModelConfig) -> dict:
     n = int(metrics["n"])
     return {
         "model_comparison": dg.MetadataValue.md(comparison_table_md(candidates, chosen, n)),
-        "holdout_nll": float(metrics["nll"]),
-        "nll_gain_over_linear": gain_over(candidates, chosen, "linear"),
+        "holdout_nll": round(float(metrics["nll"]), 4),
+        "nll_gain_over_linear": round(gain_over(candidates, chosen, "linear"), 4),
         "holdout_posts": dg.MetadataValue.int(n),
         "candidate_metrics": dg.MetadataValue.json(candidates),
     }
