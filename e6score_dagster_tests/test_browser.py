@@ -174,5 +174,6 @@ def _check_fitted_params(page, base: str, shot: Path, curves_shot: Path) -> None
     plot = page.get_by_role("dialog").locator("img[alt='stage curves']")
     plot.wait_for()
     assert plot.count() == 1 and plot.evaluate("img => img.naturalWidth") > 100
+    page.wait_for_timeout(1000)  # let the dialog finish fading in
     page.screenshot(path=curves_shot)
     page.get_by_role("dialog").get_by_role("button", name="Close").click()
