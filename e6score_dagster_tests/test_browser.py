@@ -84,9 +84,18 @@ def test_materialize_all_from_the_asset_graph(tmp_path):
                 page.get_by_role("button", name="Hide navigation").click()
                 page.locator("button:has([aria-label=panel_show_right])").last.click()
                 # Groups (ingest/features/model/scoring) start collapsed: expand them all
-                # through the graph's settings menu.
-                page.locator("button:has([aria-label=settings])").last.click()
-                page.get_by_role("menuitem", name="Expand all groups").click()
+                # through the graph's settings menu. The community dialog may pop up while the
+                # menu is open and close it: then open the menu again.
+                for attempt in range(3):
+                    page.locator("button:has([aria-label=settings])").last.click()
+                    try:
+                        page.get_by_role("menuitem", name="Expand all groups").click(
+                            timeout=5_000
+                        )
+                        break
+                    except sync_api.TimeoutError:
+                        if attempt == 2:
+                            raise
                 page.keyboard.press("Escape")
                 graph = page.locator("[data-svg-viewport]")
                 for name in ASSETS:
