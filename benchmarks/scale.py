@@ -169,7 +169,9 @@ def measure(posts: int, seed: int) -> dict:
             "achieved_gflops": round(flops["flops_per_step"] / step_s / 1e9, 2),
             "matmul_gflops": round(gflops, 1),
             "holdout_nll": train_meta.get("holdout_nll"),
-            "holdout_linear_nll": train_meta.get("holdout_linear_nll"),
+            "holdout_linear_nll": train_meta.get("candidate_metrics", {})
+            .get("linear", {})
+            .get("nll", train_meta.get("holdout_linear_nll")),
         },
         "scoring": {
             "posts_per_second": score_meta["posts_per_second"],

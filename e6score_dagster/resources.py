@@ -16,21 +16,10 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from e6score_dagster.dump_source import DumpSource
+from e6score_dagster.local_state import DB_FILE, default_home  # noqa: F401  (re-exported)
 
 DEFAULT_SOURCE = "https://e621.net/db_export/"
-DB_FILE = "e6score.duckdb"
 DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
-
-
-def default_home() -> Path:
-    """`$E6SCORE_HOME`, else `data/` of the source checkout (or of the working directory)."""
-    env = os.environ.get("E6SCORE_HOME")
-    if env:
-        return Path(env).expanduser().resolve()
-    checkout = Path(__file__).resolve().parents[1]
-    if (checkout / "pyproject.toml").exists():
-        return checkout / "data"
-    return Path.cwd() / "data"
 
 
 def default_source() -> str:

@@ -16,6 +16,9 @@ from typing import Any
 import dagster as dg
 import duckdb
 
+from e6score_dagster.local_state import table_exists
+from e6score_dagster.schema import column_description
+
 
 @contextmanager
 def transaction(conn: duckdb.DuckDBPyConnection):
@@ -27,15 +30,6 @@ def transaction(conn: duckdb.DuckDBPyConnection):
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
-
-
-def table_exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
-    row = conn.execute(
-        "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_name = ? AND table_schema = 'main' AND table_catalog = current_database()",
-        [table],
-    ).fetchone()
-    return bool(row and row[0])
 
 
 @contextmanager
@@ -77,7 +71,12 @@ def column_schema(conn: duckdb.DuckDBPyConnection, table: str) -> dg.TableSchema
         "WHERE table_name = ? ORDER BY ordinal_position",
         [table],
     ).fetchall()
-    return dg.TableSchema(columns=[dg.TableColumn(name, dtype) for name, dtype in rows])
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(name, dtype, description=column_description(table, name))
+            for name, dtype in rows
+        ]
+    )
 
 
 def table_metadata(conn: duckdb.DuckDBPyConnection, table: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The curation query: the best posts of the current dump, and an e621 search URL for them.
 
     python -m e6score_dagster.top --k 32 [--rating s] [--ext png,jpg,webp]
-        [--exclude-tags comic,meme] [--exclude-pools] [--include-deleted] [--home DIR]
+        [--tags solo] [--exclude-tags comic,meme] [--exclude-pools] [--include-deleted]
+        [--home DIR]
         [--format table|json]
 
 Ranking
@@ -22,15 +23,17 @@ Filters
 * deleted posts are left out unless `--include-deleted`;
 * `--rating`: one or more of s, q, e (comma list or repeated flag);
 * `--ext`: file extensions to keep (png, jpg, webp, ...);
-* `--exclude-tags`: drop posts having any of these tags (matched against the typed
-  `cleaned_posts.tags` array);
+* `--tags`: keep posts having all of these tags; `--exclude-tags`: drop posts having any of
+  them (both matched against the typed `cleaned_posts.tags` array; a tag no post of the dump
+  has, or a file type no post has, is reported on stderr: most likely a typo);
 * `--exclude-pools`: drop posts listed in any pool of the current dump (the pools file named
   by the `raw_dump` lineage; a dump without a pools file is reported on stderr and nothing is
   excluded).
 
-Output is an aligned table (rank, id, rating, ext, favs, expected, fav_score) followed by e621
-search URLs `https://e621.net/posts?tags=id:1,2,3`, ids in rank order, at most 100 ids per URL
-(e621's limit for an id search); `--format json` prints the same as one JSON object.
+Output is a header line (the dump's date, how many posts match), an aligned table (rank, id,
+rating, ext, favs, expected, fav_score, rank_key), then e621 search URLs
+`https://e621.net/posts?tags=id:1,2,3`, ids in rank order, at most 100 ids per URL (e621's
+limit for an id search); `--format json` prints the same as one JSON object.
 
 The database is opened read-only and only for the duration of the query: DuckDB lets a writer
 in only when no reader holds the file, so a pipeline run waits at most for this query. Usage
@@ -55,15 +58,20 @@ from typing import Any
 import duckdb
 
 from e6score_dagster.csv_read import DumpFormatError, check_header, read_csv_sql
-from e6score_dagster.resources import DB_FILE, default_home
+from e6score_dagster.local_state import (
+    DB_FILE,
+    MissingUpstreamError,
+    default_home,
+    read_lineage,
+    table_exists,
+)
 from e6score_dagster.schema import RATINGS
-from e6score_dagster.store import MissingUpstreamError, read_lineage, table_exists
 
 PROG = "python -m e6score_dagster.top"
 RANKING = "fav_score * ln(1 + fav_count), highest first; ties by ascending id"
 SEARCH_URL = "https://e621.net/posts?tags=id:"
 IDS_PER_URL = 100
-MATERIALIZE_HINT = "dagster asset materialize -m e6score_dagster --select '*'"
+MATERIALIZE_HINT = "dg launch -m e6score_dagster --assets '*'"
 RATING_WORDS = {"safe": "s", "questionable": "q", "explicit": "e"}
 POOL_COLUMNS_NEEDED = ("id", "post_ids")
 
@@ -175,21 +183,27 @@ def top_posts(
     exclude_pools: bool = False,
     include_deleted: bool = False,
     *,
+    tags: Sequence[str] | None = None,
     warn: Callable[[str], None] = _stderr,
 ) -> list[dict[str, Any]]:
     """The top `k` rows of `scored_posts` by `fav_score * ln(1 + fav_count)`, ties by id.
 
     Each dict has rank, id, rating, file_ext, fav_count, expected_fav_count, fav_score,
-    fav_zscore, rank_key, is_deleted, created_at (ISO string) and dump_date (ISO string).
-    Empty / None filters filter nothing. Raises `TopError` for bad arguments or missing tables.
+    fav_zscore, rank_key, is_deleted, created_at (ISO string), dump_date (ISO string) and
+    matched (how many posts pass the filters). Empty / None filters filter nothing; `tags`
+    keeps posts having all of them. A filter value that matches nothing known (a file type no
+    post has, a tag not in the vocabulary) is reported through `warn`. Raises `TopError` for
+    bad arguments or missing tables.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise TopError(f"k must be a whole number of at least 1, got {k!r}")
     ratings = parse_ratings(ratings)
     exts = parse_exts(exts)
     exclude_tags = split_list(exclude_tags)
+    tags = split_list(tags)
     if not table_exists(conn, "scored_posts"):
         raise TopError(f"the database has no scored_posts table: run `{MATERIALIZE_HINT}` first")
+    _warn_unknown(conn, exts, {"--tags": tags, "--exclude-tags": exclude_tags}, warn)
     where = ["TRUE"]
     params: list[Any] = []
     if not include_deleted:
@@ -200,14 +214,20 @@ def top_posts(
     if exts:
         where.append("list_contains(?::VARCHAR[], lower(s.file_ext))")
         params.append(exts)
+    if (exclude_tags or tags) and not table_exists(conn, "cleaned_posts"):
+        raise TopError("tag filters need the cleaned_posts table, which is missing")
     if exclude_tags:
-        if not table_exists(conn, "cleaned_posts"):
-            raise TopError("--exclude-tags needs the cleaned_posts table, which is missing")
         where.append(
             "NOT EXISTS (SELECT 1 FROM cleaned_posts c "
             "WHERE c.id = s.id AND list_has_any(c.tags, ?::VARCHAR[]))"
         )
         params.append(exclude_tags)
+    if tags:
+        where.append(
+            "EXISTS (SELECT 1 FROM cleaned_posts c "
+            "WHERE c.id = s.id AND list_has_all(c.tags, ?::VARCHAR[]))"
+        )
+        params.append(tags)
     pool_table = None
     if exclude_pools:
         row = conn.execute(
@@ -223,7 +243,7 @@ def top_posts(
             SELECT s.id, s.rating, s.file_ext, s.fav_count, s.expected_fav_count, s.fav_score,
                    s.fav_zscore, s.fav_score * ln(1 + s.fav_count) AS rank_key, s.is_deleted,
                    strftime(s.created_at, '%Y-%m-%dT%H:%M:%S.%f') AS created_at,
-                   strftime(s.dump_date, '%Y-%m-%d') AS dump_date
+                   strftime(s.dump_date, '%Y-%m-%d') AS dump_date, count(*) OVER () AS matched
             FROM scored_posts s
             WHERE {" AND ".join(where)}
             ORDER BY rank_key DESC NULLS LAST, s.id
@@ -237,6 +257,39 @@ def top_posts(
         if pool_table:
             conn.execute(f"DROP TABLE IF EXISTS temp.{pool_table}")
     return [{"rank": i, **dict(zip(names, r, strict=True))} for i, r in enumerate(rows, 1)]
+
+
+def _warn_unknown(
+    conn: duckdb.DuckDBPyConnection,
+    exts: Sequence[str],
+    tag_filters: dict[str, Sequence[str]],
+    warn: Callable[[str], None],
+) -> None:
+    """A filter value nothing in this dump has is most likely a typo: say so."""
+    if exts:
+        known = [
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT lower(file_ext) FROM scored_posts "
+                "WHERE file_ext IS NOT NULL ORDER BY 1"
+            ).fetchall()
+        ]
+        for ext in exts:
+            if ext not in known:
+                warn(f"warning: no post has file type {ext!r} (known: {', '.join(known)})")
+    asked = sorted({t for values in tag_filters.values() for t in values})
+    if not asked or not table_exists(conn, "tag_vocabulary"):
+        return
+    present = {
+        r[0]
+        for r in conn.execute(
+            "SELECT name FROM tag_vocabulary WHERE list_contains(?::VARCHAR[], name)", [asked]
+        ).fetchall()
+    }
+    for flag, values in tag_filters.items():
+        for tag in values:
+            if tag not in present:
+                warn(f"warning: {flag} {tag}: no post of this dump has this tag")
 
 
 # --------------------------------------------------------------------------- output
@@ -258,9 +311,20 @@ def _fmt(value: Any, digits: int | None = None) -> str:
     return str(value)
 
 
+def header_line(posts: Sequence[dict[str, Any]], k: int) -> str:
+    """What the list is: which dump, how many posts matched, how they are ranked."""
+    if not posts:
+        return "no post matches the filters"
+    matched = posts[0]["matched"]
+    return (
+        f"dump {posts[0]['dump_date']}: {matched:,} post(s) match the filters; top "
+        f"{min(k, matched):,} by rank_key = fav_score * ln(1 + fav_count)"
+    )
+
+
 def format_table(posts: Sequence[dict[str, Any]]) -> str:
-    header = ("rank", "id", "rating", "ext", "favs", "expected", "fav_score")
-    right = (True, True, False, False, True, True, True)
+    header = ("rank", "id", "rating", "ext", "favs", "expected", "fav_score", "rank_key")
+    right = (True, True, False, False, True, True, True, True)
     body = [
         (
             _fmt(p["rank"]),
@@ -270,6 +334,7 @@ def format_table(posts: Sequence[dict[str, Any]]) -> str:
             _fmt(p["fav_count"]),
             _fmt(p["expected_fav_count"], 1),
             _fmt(p["fav_score"], 4),
+            _fmt(p["rank_key"], 3),
         )
         for p in posts
     ]
@@ -329,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="TAG[,TAG]",
         help="drop posts having any of these tags, e.g. comic,meme",
+    )
+    p.add_argument(
+        "--tags",
+        action="append",
+        metavar="TAG[,TAG]",
+        help="keep only posts having all of these tags, e.g. solo,fox",
     )
     p.add_argument(
         "--exclude-pools",
@@ -392,12 +463,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise TopError(f"--k must be at least 1, got {args.k}")
         ratings = parse_ratings(args.rating)
         exts = parse_exts(args.ext)
-        tags = split_list(args.exclude_tags)
+        exclude_tags = split_list(args.exclude_tags)
+        tags = split_list(args.tags)
         home = args.home.expanduser().resolve() if args.home else default_home()
         conn = _connect(home / DB_FILE, args.wait)
         try:
             posts = top_posts(
-                conn, args.k, ratings, exts, tags, args.exclude_pools, args.include_deleted
+                conn,
+                args.k,
+                ratings,
+                exts,
+                exclude_tags,
+                args.exclude_pools,
+                args.include_deleted,
+                tags=tags,
             )
         finally:
             conn.close()
@@ -413,12 +492,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.format == "json":
         out = {
             "dump_date": posts[0]["dump_date"] if posts else None,
+            "matched": posts[0]["matched"] if posts else 0,
             "ranking": RANKING,
             "k": args.k,
             "filters": {
                 "ratings": ratings,
                 "exts": exts,
-                "exclude_tags": tags,
+                "tags": tags,
+                "exclude_tags": exclude_tags,
                 "exclude_pools": args.exclude_pools,
                 "include_deleted": args.include_deleted,
             },
@@ -427,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         print(json.dumps(out, indent=2, default=_json_default))
         return 0
+    print(header_line(posts, args.k))
     if posts:
         print(format_table(posts))
         print()

@@ -5,16 +5,48 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import re
+import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import dagster as dg
 import pytest
 
-from e6score_dagster.definitions import PIPELINE
-from e6score_dagster.resources import QualityGates, make_resources
-from e6score_dagster.schema import POSTS_COLUMNS, TAGS_COLUMNS
-from e6score_dagster.synthetic import generate_dump
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# What running Python and pytest always leaves, and the checkout's own environment.
+_BYPRODUCTS = re.compile(r"__pycache__/|\.pytest_cache/|\.ruff_cache/|\.egg-info/|^!! \.venv")
+
+
+def checkout_state() -> frozenset[str] | None:
+    """`git status` of the checkout, ignored files included (None outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain=v1", "--ignored=matching", "--untracked-files=normal"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode:
+        return None
+    return frozenset(line for line in out.stdout.splitlines() if not _BYPRODUCTS.search(line))
+
+
+# Taken before the project is imported: importing it must not create anything either.
+_CHECKOUT_AT_IMPORT = checkout_state()
+
+
+@pytest.fixture(scope="session")
+def checkout_before() -> frozenset[str] | None:
+    """The checkout as pytest's own import of this file found it (a test module importing
+    conftest gets another, later snapshot: use this fixture)."""
+    return _CHECKOUT_AT_IMPORT
+
+import dagster as dg  # noqa: E402
+
+from e6score_dagster.definitions import PIPELINE  # noqa: E402
+from e6score_dagster.resources import QualityGates, make_resources  # noqa: E402
+from e6score_dagster.schema import POSTS_COLUMNS, TAGS_COLUMNS  # noqa: E402
+from e6score_dagster.synthetic import generate_dump  # noqa: E402
 
 DUMP_DATE = "2026-11-20"
 # Short fits for the orchestration tests. On a 3,000-post dump a fully converged additive fit
@@ -24,6 +56,16 @@ DUMP_DATE = "2026-11-20"
 # posts by benchmarks/quality.py; the gate's behaviour is tested with a broken model.
 FAST_TRAINING = {"epochs": 4, "batch_size": 256, "hash_bits": 12, "mlp_widths": [32],
                  "baseline_min_steps": 100}
+
+
+@pytest.fixture(autouse=True)
+def dagster_home(tmp_path_factory, monkeypatch) -> Path:
+    """A DAGSTER_HOME under pytest's tmp dir for every test: without one, each `dagster`/`dg`
+    CLI run makes a `.tmp_dagster_home_*` folder in its working directory (the checkout) and
+    leaves it there when it is killed."""
+    home = tmp_path_factory.mktemp("dagster_home")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
 
 
 @pytest.fixture(scope="session")

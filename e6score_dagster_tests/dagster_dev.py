@@ -26,7 +26,15 @@ def free_port() -> int:
 class DagsterDev:
     """`dagster dev` in its own process group, so that stopping it stops its children too."""
 
-    def __init__(self, tmp: Path, source: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        source: Path,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        """`command` starts the server (default `python -m dagster dev -m e6score_dagster`); the
+        host and port are appended."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / "dagster_dev.log"
@@ -41,12 +49,7 @@ class DagsterDev:
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "dagster",
-                "dev",
-                "-m",
-                "e6score_dagster",
+                *(command or [sys.executable, "-m", "dagster", "dev", "-m", "e6score_dagster"]),
                 "-h",
                 "127.0.0.1",
                 "-p",

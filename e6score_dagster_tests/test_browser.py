@@ -1,10 +1,13 @@
-"""The Dagster UI in a real browser: the asset graph, "Materialize all", and a screenshot.
+"""The Dagster UI in a real browser: the asset graph, "Materialize all", what fitted_params
+tells, and screenshots.
 
 `dagster dev` serves the bundled sample dump (`data/sample/`, 20k posts) on 127.0.0.1; headless
 Chromium (Debian's `/usr/bin/chromium`, driven by Playwright for Python) opens the global asset
 lineage, checks that every asset is drawn, clicks "Materialize all" and waits for the run to
-succeed. The screenshot of the graph afterwards lands in pytest's tmp dir and, when
-`E6SCORE_SCREENSHOT_DIR` is set, is copied there too.
+succeed; then it opens `fitted_params` and checks that the model comparison table and the
+stage curves are shown. The screenshots (asset graph, fitted_params, its stage curves) land in
+pytest's tmp dir and, when `E6SCORE_SCREENSHOT_DIR` is set, are copied there too
+(`python benchmarks/screenshots.py` refreshes `benchmarks/screenshots/` that way).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def _wait_count(page, locator, n: int, timeout: float) -> bool:
 def test_materialize_all_from_the_asset_graph(tmp_path):
     dagster = DagsterDev(tmp_path, SAMPLE)
     shot = tmp_path / "asset_graph.png"
+    params_shot = tmp_path / "fitted_params.png"
+    curves_shot = tmp_path / "fitted_params_curves.png"
     last = tmp_path / "last_seen.png"
     page = None  # for the failure screenshot
     t0 = time.monotonic()
@@ -79,9 +84,18 @@ def test_materialize_all_from_the_asset_graph(tmp_path):
                 page.get_by_role("button", name="Hide navigation").click()
                 page.locator("button:has([aria-label=panel_show_right])").last.click()
                 # Groups (ingest/features/model/scoring) start collapsed: expand them all
-                # through the graph's settings menu.
-                page.locator("button:has([aria-label=settings])").last.click()
-                page.get_by_role("menuitem", name="Expand all groups").click()
+                # through the graph's settings menu. The community dialog may pop up while the
+                # menu is open and close it: then open the menu again.
+                for attempt in range(3):
+                    page.locator("button:has([aria-label=settings])").last.click()
+                    try:
+                        page.get_by_role("menuitem", name="Expand all groups").click(
+                            timeout=5_000
+                        )
+                        break
+                    except sync_api.TimeoutError:
+                        if attempt == 2:
+                            raise
                 page.keyboard.press("Escape")
                 graph = page.locator("[data-svg-viewport]")
                 for name in ASSETS:
@@ -121,6 +135,7 @@ def test_materialize_all_from_the_asset_graph(tmp_path):
                         f"{green.count()} of {MATERIALIZABLE} asset nodes shown as materialised"
                     )
                 page.screenshot(path=shot)
+                _check_fitted_params(page, dagster.base, params_shot, curves_shot)
             except Exception:
                 if page is not None:
                     with contextlib.suppress(Exception):
@@ -137,12 +152,37 @@ def test_materialize_all_from_the_asset_graph(tmp_path):
     finally:
         dagster.stop()
 
-    where = str(shot)
+    shots = [shot, params_shot, curves_shot]
     out_dir = os.environ.get("E6SCORE_SCREENSHOT_DIR")
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        where += f", copied to {shutil.copy(shot, Path(out_dir) / shot.name)}"
+        shots = [Path(shutil.copy(s, Path(out_dir) / s.name)) for s in shots]
     print(
-        f"asset graph screenshot: {where} (server up {t_ready - t0:.0f} s, launch "
+        f"screenshots: {', '.join(map(str, shots))} (server up {t_ready - t0:.0f} s, launch "
         f"{t_launched - t_ready:.0f} s, run {t_done - t_launched:.0f} s)"
     )
+
+
+def _check_fitted_params(page, base: str, shot: Path, curves_shot: Path) -> None:
+    """fitted_params' page leads with the comparison table, shown inline, and its stage
+    curves open as one plot."""
+    page.goto(f"{base}/assets/fitted_params")
+    table = page.locator("td table").filter(has_text="Spearman")
+    table.first.wait_for()
+    text = table.first.inner_text()
+    rows = [line.split("\t")[0].strip() for line in text.splitlines()[1:]]
+    assert {"constant", "linear"} <= set(rows), text
+    assert sum("✓" in r for r in rows) == 1, text  # exactly one model marked as in use
+    assert not re.search(r"\d\.\d{5,}", text), text  # rounded, not 16-digit floats
+    keys = page.locator("td").filter(has_text=re.compile(r"^(model_comparison|stage_curves)$"))
+    assert keys.count() == 2
+    page.screenshot(path=shot)
+
+    row = page.locator("tr").filter(has=page.get_by_text("stage_curves", exact=True))
+    row.last.get_by_text("[Show Markdown]").click()
+    plot = page.get_by_role("dialog").locator("img[alt='stage curves']")
+    plot.wait_for()
+    assert plot.count() == 1 and plot.evaluate("img => img.naturalWidth") > 100
+    page.wait_for_timeout(1000)  # let the dialog finish fading in
+    page.screenshot(path=curves_shot)
+    page.get_by_role("dialog").get_by_role("button", name="Close").click()

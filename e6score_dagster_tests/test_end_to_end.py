@@ -75,10 +75,19 @@ def test_materialisations_carry_metadata_and_checks_pass(pipeline):
         assert meta["dump_date"].value == DUMP_DATE, asset
         assert "seconds" in meta, asset
     meta = result.asset_materializations_for_node("fitted_params")[0].metadata
-    assert meta["holdout_nll"].value < meta["holdout_constant_nll"].value
-    assert meta["holdout_nll"].value < meta["holdout_linear_nll"].value
+    candidates = meta["candidate_metrics"].value
+    assert list(candidates) == ["constant", "linear", "additive", "deep"]
+    assert meta["holdout_nll"].value == pytest.approx(candidates["deep"]["nll"], abs=1e-4)
+    assert meta["holdout_nll"].value < candidates["constant"]["nll"]
+    assert meta["holdout_nll"].value < candidates["linear"]["nll"]
+    assert meta["nll_gain_over_linear"].value > 0
     for k in ("mae", "median_ae", "spearman", "coverage_50", "coverage_80", "coverage_95"):
-        assert f"holdout_{k}" in meta and f"holdout_linear_{k}" in meta, k
+        assert k in candidates["deep"] and k in candidates["linear"], k
+    assert list(meta)[0] == "model_comparison"
+    assert "**deep** ✓" in meta["model_comparison"].value
+    assert meta["stage_curves"].value.count("data:image/png") == 1
+    assert not [k for k in meta if k.startswith("holdout_") and k not in
+                ("holdout_nll", "holdout_posts")]
     raw_meta = result.asset_materializations_for_node("raw_dump")[0].metadata
     assert [c.name for c in raw_meta["dagster/column_schema"].schema.columns] == list(POSTS_COLUMNS)
     scored_meta = result.asset_materializations_for_node("scored_posts")[0].metadata
@@ -87,6 +96,10 @@ def test_materialisations_carry_metadata_and_checks_pass(pipeline):
     assert scored_meta["dagster/row_count"].value == 3000
     assert [c.name for c in scored_meta["dagster/column_schema"].schema.columns][:5] == [
         "id", "fav_count", "expected_fav_count", "fav_score", "fav_zscore"]
+    for asset in ("cleaned_posts", "tag_vocabulary", "feature_matrix", "scored_posts"):
+        columns = result.asset_materializations_for_node(asset)[0].metadata[
+            "dagster/column_schema"].schema.columns
+        assert [c.name for c in columns if not c.description] == [], asset
     evaluations = result.get_asset_check_evaluations()
     names = {e.check_name for e in evaluations}
     assert names == {"rejected_share_within_limit", "post_count_not_collapsed",

@@ -206,12 +206,18 @@ def test_table_output_and_urls_in_rank_order(home, scored, capsys):
     out, err = capsys.readouterr()
     assert err == ""
     lines = out.splitlines()
-    assert lines[0].split() == ["rank", "id", "rating", "ext", "favs", "expected", "fav_score"]
-    rows = lines[1:151]
+    n_live = len(live(scored))
+    assert lines[0] == (f"dump {DUMP_DATE}: {n_live:,} post(s) match the filters; top 150 by "
+                        "rank_key = fav_score * ln(1 + fav_count)")
+    assert lines[1].split() == ["rank", "id", "rating", "ext", "favs", "expected", "fav_score",
+                                "rank_key"]
+    rows = lines[2:152]
     assert len({len(r) for r in rows[:9]}) == 1  # aligned
     assert [int(r.split()[1]) for r in rows] == expected_order(live(scored), 150)
-    assert lines[151] == ""
-    urls = lines[152:]
+    keys = scored.set_index("id").loc[[int(r.split()[1]) for r in rows], "key"]
+    np.testing.assert_allclose([float(r.split()[-1]) for r in rows], keys, atol=5e-4)
+    assert lines[152] == ""
+    urls = lines[153:]
     assert len(urls) == 2 and all(u.startswith("https://e621.net/posts?tags=id:") for u in urls)
     url_ids = [int(i) for u in urls for i in u.split("id:", 1)[1].split(",")]
     assert url_ids == expected_order(live(scored), 150)
@@ -224,6 +230,9 @@ def test_json_output_parses(home, scored, capsys):
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     assert data["dump_date"] == DUMP_DATE and "ln(1 + fav_count)" in data["ranking"]
+    df = live(scored)
+    keep = df["rating"].isin(["s", "q"]) & df["file_ext"].isin(["png", "jpg"])
+    assert data["matched"] == int(keep.sum())
     assert data["filters"]["ratings"] == ["s", "q"] and data["filters"]["exts"] == ["png", "jpg"]
     assert [p["rank"] for p in data["posts"]] == list(range(1, 8))
     df = live(scored)
@@ -250,7 +259,7 @@ def test_missing_database(tmp_path, capsys):
     line = one_error_line(err)
     assert out == ""
     assert "nothing materialised yet" in line
-    assert "dagster asset materialize -m e6score_dagster --select '*'" in line
+    assert "dg launch -m e6score_dagster --assets '*'" in line
     assert not (tmp_path / "empty").exists()  # read-only: it creates nothing
 
 
@@ -311,7 +320,7 @@ def test_locked_database_is_reported_then_retried(home, tmp_path, capsys):
     try:
         assert holder.stdout.readline().strip() == "ready"
         assert main(["--home", str(copy), "--k", "3", "--wait", "30"]) == 0
-        assert capsys.readouterr().out.count("\n") == 3 + 1 + 1 + 1
+        assert capsys.readouterr().out.count("\n") == 1 + 1 + 3 + 1 + 1
     finally:
         holder.wait(timeout=30)
 
@@ -343,3 +352,57 @@ def test_help_documents_the_ranking(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "fav_score * ln(1 + fav_count)" in text and "ties by ascending id" in text
     assert "fav_score * ln(1 + fav_count)" in top_module.__doc__
+
+
+# --------------------------------------------------------------------------- what it tells
+
+
+def test_tags_keeps_posts_having_all_of_them(conn, scored):
+    df = live(scored)
+    counts = Counter(t for tags in df["tags"] for t in tags)
+    first, second = (t for t, _ in counts.most_common(2))
+    got = top_posts(conn, 50, tags=[first, second])
+    has = df["tags"].map(lambda ts: first in ts and second in ts)
+    assert 0 < has.sum() < len(df)
+    assert ids(got) == expected_order(df[has], 50)
+    assert got[0]["matched"] == int(has.sum())
+
+
+def test_filters_that_match_nothing_known_are_reported(home, scored, capsys):
+    df = live(scored)
+    known_tag = Counter(t for tags in df["tags"] for t in tags).most_common(1)[0][0]
+    rc = main(["--home", str(home), "--k", "5", "--ext", "png,tiff",
+               "--exclude-tags", f"{known_tag},no_such_tag_xyz", "--tags", "nor_this_one"])
+    assert rc == 0
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert any("'tiff'" in w and "png" in w for w in warnings), err
+    assert any("--exclude-tags no_such_tag_xyz" in w for w in warnings), err
+    assert any("--tags nor_this_one" in w for w in warnings), err
+    assert not any(known_tag + ":" in w or "'png'" in w for w in warnings), err
+    assert out.splitlines()[0] == "no post matches the filters"
+
+    # Filters that are all known say nothing.
+    assert main(["--home", str(home), "--k", "5", "--ext", "png",
+                 "--exclude-tags", known_tag]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+LIGHT_PATH = """
+import sys
+from e6score_dagster.top import main
+code = main(sys.argv[1:])
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"dagster", "dagster_duckdb", "jax",
+                                                       "jaxlib", "flax", "optax", "matplotlib"})
+print("HEAVY", heavy)
+sys.exit(code)
+"""
+
+
+def test_top_imports_neither_dagster_nor_jax(home):
+    """The CLI answers in well under a second and a half: no Dagster or JAX on its path."""
+    run = subprocess.run([sys.executable, "-c", LIGHT_PATH, "--home", str(home), "--k", "3",
+                          "--exclude-pools", "--exclude-tags", "comic"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "HEAVY []" in run.stdout, run.stdout

@@ -13,7 +13,7 @@ from e6score_dagster.code_versions import code_version
 from e6score_dagster.model.data import FeatureLayout
 from e6score_dagster.model.network import CATEGORY_CODES
 from e6score_dagster.resources import StateDir
-from e6score_dagster.schema import SITE_LAUNCH
+from e6score_dagster.schema import SITE_LAUNCH, column_description
 from e6score_dagster.store import query_progress
 
 FILE_EXTS = ("jpg", "png", "gif", "webp", "webm", "mp4", "swf")  # index 0 is "other"
@@ -191,7 +191,10 @@ def feature_matrix(
             metadata={
                 "dagster/row_count": dg.MetadataValue.int(out["rows"]),
                 "dagster/column_schema": dg.TableSchema(
-                    columns=[dg.TableColumn(n, t) for n, t in out["schema"]]
+                    columns=[
+                        dg.TableColumn(n, t, description=column_description("feature_matrix", n))
+                        for n, t in out["schema"]
+                    ]
                 ),
                 "holdout_rows": dg.MetadataValue.int(out["holdout_rows"]),
                 "training_rows": dg.MetadataValue.int(out["training_rows"]),

@@ -16,7 +16,8 @@ from e6score_dagster.code_versions import code_version
 from e6score_dagster.gzip_file import gzip_file
 from e6score_dagster.model import ParquetBatches, load_params, score_batches
 from e6score_dagster.plots import histogram_md
-from e6score_dagster.resources import StateDir
+from e6score_dagster.report import run_summary_lines
+from e6score_dagster.resources import DB_FILE, StateDir
 from e6score_dagster.schema import POSTS_COLUMNS
 from e6score_dagster.store import query_progress
 
@@ -108,6 +109,26 @@ def write_csv_export(conn, table: str, tmp_csv: Path, out: Path, log) -> None:
     tmp_csv.unlink()
 
 
+def write_parquet_export(conn, table: str, out: Path) -> None:
+    """The scores as typed Parquet (the table's own columns and types), for people who load
+    them into dataframes rather than parse a GB of CSV."""
+    conn.execute(
+        f"COPY (SELECT * FROM {table} ORDER BY id) TO '{out}' (FORMAT parquet, COMPRESSION zstd)"
+    )
+
+
+def _log_run_summary(log, state: StateDir, dump_date: str, posts: int) -> None:
+    """The last lines of a headless run: what was made, where, and what to try next."""
+    lines = run_summary_lines(
+        dump_date,
+        posts,
+        str(state.root / DB_FILE),
+        str(state.exports / f"score-{dump_date}.csv.gz"),
+        str(state.exports / f"score-{dump_date}.parquet"),
+    )
+    log("\n".join(lines))
+
+
 def score_summary(conn, table: str) -> dict:
     summary = conn.execute(
         f"SELECT avg(fav_score), median(fav_score), corr(fav_score, fav_zscore) FROM {table}"
@@ -155,8 +176,13 @@ def scored_posts(
         tables=["scored_posts"], folder=state.exports,
     ) as st:
         export = state.exports / f"score-{st.dump_date}.csv.gz"
+        parquet_export = export.with_name(f"score-{st.dump_date}.parquet")
         if st.reuse:
-            return st.reused_result(export_path=dg.MetadataValue.path(str(export)))
+            _log_run_summary(context.log.info, state, st.dump_date, st.reuse.info.get("rows", 0))
+            return st.reused_result(
+                export_path=dg.MetadataValue.path(str(export)),
+                parquet_export_path=dg.MetadataValue.path(str(parquet_export)),
+            )
         params = st.inputs["fitted_params"].info["path"]
         fitted = load_params(Path(params))
         matrix = Path(st.inputs["feature_matrix"].info["dir"]) / "matrix.parquet"
@@ -173,16 +199,18 @@ def scored_posts(
                     write_csv_export(
                         conn, table, st.tmp / "export.csv", st.path(export), context.log.info
                     )
+                    write_parquet_export(conn, table, st.path(parquet_export))
                 export_s = time.perf_counter() - t_export
                 summary = score_summary(conn, table)
         finally:
             shutil.rmtree(st.tmp, ignore_errors=True)
-        return st.finish(
+        result = st.finish(
             info={"params": params, "rows": n_scored, "export": str(export)},
             checks=[check],
             metadata={
                 "params_path": dg.MetadataValue.path(params),
                 "export_path": dg.MetadataValue.path(str(export)),
+                "parquet_export_path": dg.MetadataValue.path(str(parquet_export)),
                 **summary,
                 "posts_per_second": round(n_scored / max(score_s, 1e-9), 1),
                 "score_seconds": round(score_s, 2),
@@ -190,3 +218,6 @@ def scored_posts(
                 "seconds": round(time.perf_counter() - t0, 2),
             },
         )
+        if check.passed:
+            _log_run_summary(context.log.info, state, st.dump_date, n_scored)
+        return result
