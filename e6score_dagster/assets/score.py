@@ -15,7 +15,8 @@ from e6score_dagster.gzip_file import gzip_file
 from e6score_dagster.model import ParquetBatches, load_params, score_batches
 from e6score_dagster.plots import histogram_md
 from e6score_dagster.resources import StateDir
-from e6score_dagster.schema import POSTS_COLUMNS
+from e6score_dagster.schema import POSTS_ALL_COLUMNS
+from e6score_dagster.sql import ident
 from e6score_dagster.store import (
     built_from,
     code_version,
@@ -47,16 +48,19 @@ BOOLEAN_COLUMNS = {
     "is_status_locked",
     "is_note_locked",
 }
-TIMESTAMP_COLUMNS = {"created_at", "updated_at"}
+TIMESTAMP_COLUMNS = {"created_at", "updated_at", "last_noted_at", "last_commented_at"}
+# Every posts column of e621's current export (old dumps: the three new ones are empty).
+EXPORT_COLUMNS = POSTS_ALL_COLUMNS
 
 
 def export_column_sql(col: str) -> str:
     """Back to the export's own spelling: t/f booleans, microsecond timestamps."""
+    q = ident(col)
     if col in BOOLEAN_COLUMNS:
-        return f"CASE c.{col} WHEN true THEN 't' WHEN false THEN 'f' END AS {col}"
+        return f"CASE c.{q} WHEN true THEN 't' WHEN false THEN 'f' END AS {q}"
     if col in TIMESTAMP_COLUMNS:
-        return f"strftime(c.{col}, '%Y-%m-%d %H:%M:%S.%f') AS {col}"
-    return f"c.{col}"
+        return f"strftime(c.{q}, '%Y-%m-%d %H:%M:%S.%f') AS {q}"
+    return f"c.{q}"
 
 
 def preview_md(rows: list) -> str:
@@ -157,7 +161,7 @@ def scored_posts(
                         "export": str(export),
                     },
                 )
-            cols = ", ".join(export_column_sql(c) for c in POSTS_COLUMNS)
+            cols = ", ".join(export_column_sql(c) for c in EXPORT_COLUMNS)
             t_export = time.perf_counter()
             # DuckDB writes plain CSV on all threads; gzip (single-threaded in DuckDB) is done
             # after, on all cores.
