@@ -502,14 +502,14 @@ class Downloader:
         A mismatch leaves ``final`` (and its record) as they were: the last good copy stays.
         """
         sha256 = writer.finish()
-        if remote.size is not None and writer.size != remote.size:
+        wrong = [what for what, bad in (
+            ("size", remote.size is not None and writer.size != remote.size),
+            ("checksum", remote.sha256 is not None and sha256 != remote.sha256)) if bad]
+        if wrong:
             raise DumpSourceError(
-                f"{final.name}: size mismatch: the source announced {remote.size} bytes, "
-                f"received {writer.size} (sha256 {sha256}); not used")
-        if remote.sha256 is not None and sha256 != remote.sha256:
-            raise DumpSourceError(
-                f"{final.name}: checksum mismatch: the source announced sha256 {remote.sha256}, "
-                f"the downloaded file has {sha256}; not used")
+                f"{final.name}: {' and '.join(wrong)} mismatch: the source announced "
+                f"{_or_unknown(remote.size)} bytes, sha256 {_or_unknown(remote.sha256)}; "
+                f"received {writer.size} bytes, sha256 {sha256}; not used")
         sidecar(final).unlink(missing_ok=True)  # a stale record must not vouch for new bytes
         os.replace(writer.path, final)
         _fsync_dir(final.parent)
@@ -653,6 +653,10 @@ class Downloader:
             state.writer.reset()
             raise _Transient(f"cannot resume at byte {offset}: the partial response {problem}; "
                              f"starting again from byte 0")
+
+
+def _or_unknown(value: object) -> str:
+    return "unknown" if value is None else str(value)
 
 
 def _is_connect_error(exc: requests.ConnectionError) -> bool:
