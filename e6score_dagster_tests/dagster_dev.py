@@ -26,7 +26,8 @@ def free_port() -> int:
 class DagsterDev:
     """`dagster dev` in its own process group, so that stopping it stops its children too."""
 
-    def __init__(self, tmp: Path, source: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, source: Path | str,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / "dagster_dev.log"
