@@ -12,15 +12,21 @@ import gzip
 import io
 from pathlib import Path
 
+from e6score_dagster.sql import literal
+
 
 class DumpFormatError(ValueError):
     pass
 
 
+HEADER_MAX_CHARS = 1 << 16
+
+
 def read_header(path: Path) -> list[str]:
+    """The first CSV record, parsed as CSV (a quoted cell may hold commas or line breaks)."""
     with gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
-        first = f.readline()
-    row = next(csv.reader(io.StringIO(first)), [])
+        head = f.read(HEADER_MAX_CHARS)
+    row = next(csv.reader(io.StringIO(head)), [])
     return [c.strip().lstrip("\ufeff") for c in row]
 
 
@@ -36,17 +42,27 @@ def check_header(path: Path, required: tuple[str, ...]) -> list[str]:
     dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:
         raise DumpFormatError(f"{path.name}: header repeats column(s) {', '.join(dupes)}")
+    odd = [c for c in header if not c or any(ord(ch) < 32 for ch in c)]
+    if odd:
+        raise DumpFormatError(
+            f"{path.name}: header cell(s) {', '.join(map(repr, odd))} are empty or hold "
+            "control characters; refusing to read the file"
+        )
     return header
 
 
 def read_csv_sql(path: Path, header: list[str], rejects: str) -> str:
-    """A `read_csv(...)` table function over an export; rejected lines go to `{rejects}`."""
-    cols = ", ".join(f"'{c}': 'VARCHAR'" for c in header)
-    p = str(path).replace("'", "''")
+    """A `read_csv(...)` table function over an export; rejected lines go to `{rejects}`.
+
+    Column names come from the file's header, so they are quoted as literals (never pasted):
+    a header cell holding a quote or SQL is just a column of that odd name.
+    """
+    cols = ", ".join(f"{literal(c)}: 'VARCHAR'" for c in header)
     return (
-        f"read_csv('{p}', header=true, auto_detect=false, columns={{{cols}}}, delim=',', "
-        f"quote='\"', escape='\"', compression='gzip', store_rejects=true, "
-        f"rejects_table='{rejects}', rejects_scan='{rejects}_scan', rejects_limit=0, "
+        f"read_csv({literal(str(path))}, header=true, auto_detect=false, columns={{{cols}}}, "
+        f"delim=',', quote='\"', escape='\"', compression='gzip', store_rejects=true, "
+        f"rejects_table={literal(rejects)}, rejects_scan={literal(rejects + '_scan')}, "
+        "rejects_limit=0, "
         f"max_line_size=16777216, strict_mode=true)"
     )
 

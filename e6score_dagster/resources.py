@@ -15,10 +15,10 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from e6score_dagster.dump_source import DumpSource
 from e6score_dagster.local_state import DB_FILE, default_home  # noqa: F401  (re-exported)
+from e6score_dagster.sources import DumpSource
 
-DEFAULT_SOURCE = "https://e621.net/db_export/"
+DEFAULT_SOURCE = "https://e621.net/db_exports.json"
 DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -93,7 +93,8 @@ class StateDir(dg.ConfigurableResource):
 
 
 class DumpSourceResource(dg.ConfigurableResource):
-    """The e621 export (or a mirror / local folder) that `raw_dump` reads from."""
+    """The e621 export (its JSON index, a mirror of either layout, or a local folder) that
+    `raw_dump` reads from. The User-Agent comes from `$E6SCORE_USER_AGENT`."""
 
     location: str = DEFAULT_SOURCE
     probe_days: int = 7
@@ -159,8 +160,7 @@ class QualityGates(dg.ConfigurableResource):
 
 def duckdb_resource(home: Path, memory_limit: str = "3GB") -> DuckDBResource:
     """Bounded memory and a spill folder, so DuckDB stays out of core on full-size dumps."""
-    tmp = home / "tmp" / "duckdb"
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = home / "tmp" / "duckdb"  # DuckDB creates it when it first spills
     return LockedDuckDBResource(
         database=str(home / DB_FILE),
         connection_config={
@@ -174,7 +174,6 @@ def duckdb_resource(home: Path, memory_limit: str = "3GB") -> DuckDBResource:
 
 def make_resources(home: Path | None = None, source: str | None = None) -> dict:
     home = Path(home) if home is not None else default_home()
-    home.mkdir(parents=True, exist_ok=True)
     keep = int(os.environ.get("E6SCORE_KEEP_DUMPS", "3"))
     return {
         "state": StateDir(home=str(home), keep_dumps=keep),

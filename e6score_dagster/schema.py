@@ -35,7 +35,11 @@ POSTS_COLUMNS: tuple[str, ...] = (
     "is_status_locked",
     "is_note_locked",
 )
+# Added by e621's current export (June 2026); absent from old dumps, read when present.
+POSTS_NEW_COLUMNS: tuple[str, ...] = ("bg_color", "last_noted_at", "last_commented_at")
+POSTS_ALL_COLUMNS: tuple[str, ...] = POSTS_COLUMNS + POSTS_NEW_COLUMNS
 TAGS_COLUMNS: tuple[str, ...] = ("id", "name", "category", "post_count")
+TAGS_NEW_COLUMNS: tuple[str, ...] = ("created_at", "updated_at", "is_locked")
 POOLS_COLUMNS: tuple[str, ...] = (
     "id",
     "name",
@@ -51,6 +55,7 @@ POOLS_COLUMNS: tuple[str, ...] = (
 TAG_CATEGORIES: dict[int, str] = {
     0: "general",
     1: "artist",
+    2: "contributor",
     3: "copyright",
     4: "character",
     5: "species",
@@ -64,6 +69,10 @@ SITE_LAUNCH = "2007-02-10"
 
 # posts-2024-01-31.csv.gz; the date is validated again as a real calendar date by callers.
 DUMP_FILE_RE = re.compile(r"^(posts|tags|pools)-(\d{4}-\d{2}-\d{2})\.csv\.gz$")
+
+
+# The current layout's undated names, as listed in db_exports.json.
+CURRENT_FILE_RE = re.compile(r"^[a-z_]+\.csv\.gz$")
 
 
 def dump_file_name(kind: str, date: str) -> str:

@@ -29,7 +29,7 @@ class DagsterDev:
     def __init__(
         self,
         tmp: Path,
-        source: Path,
+        source: Path | str,
         env: dict[str, str] | None = None,
         command: list[str] | None = None,
     ) -> None:

@@ -1,8 +1,10 @@
 """A tiny real HTTP server for tests: serves one folder like nginx's autoindex on 127.0.0.1.
 
 Real sockets rather than mocks, so redirects, HEAD, Content-Length, Range and streaming behave as
-they do against e621's ``db_export``. ``Faults`` makes it misbehave on purpose: error statuses,
-connections cut mid-file, truncated files, slow or stalled transfers, Range ignored.
+they do against e621. The folder is also served in e621's current layout: ``/db_exports.json``
+(the folder's ``db_exports.json`` with ``current_layout.ORIGIN`` replaced by the server's own
+address) and the files under ``/data/db_export/``. ``Faults`` makes it misbehave on purpose:
+error statuses, connections cut mid-file, truncated files, slow or stalled transfers, Range ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 _RANGE_RE = re.compile(r"bytes=([0-9]+)-([0-9]*)")
+EXPORT_PREFIX = "/data/db_export/"
+INDEX_PATH = "/db_exports.json"
+INDEX_ORIGIN = "http://e621.invalid"  # current_layout.ORIGIN
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Seen:
     range: str | None
     if_range: str | None
     status: int
+    user_agent: str | None = None
 
 
 @dataclass
@@ -137,14 +143,21 @@ def _make_handler(root: Path, index: bool, log: list[tuple[str, str]] | None,
                 self._send(302, b"", extra={"Location": redirects[path]}, body=body)
             elif path == "/":
                 self._index(body)
+            elif path == INDEX_PATH and (root / INDEX_PATH[1:]).is_file():
+                self._export_index(body)
+            elif path.startswith(EXPORT_PREFIX):
+                self._file(unquote(path[len(EXPORT_PREFIX):]), body)
             else:
                 self._file(unquote(path[1:]), body)
 
         def _record(self, status: int) -> None:
             if faults is not None:
-                faults._record(Seen(self.command, urlsplit(self.path).path,
-                                    self.headers.get("Range"), self.headers.get("If-Range"),
-                                    status))
+                path = urlsplit(self.path).path
+                if path.startswith(EXPORT_PREFIX):
+                    path = "/" + path[len(EXPORT_PREFIX):]
+                faults._record(Seen(self.command, path, self.headers.get("Range"),
+                                    self.headers.get("If-Range"), status,
+                                    self.headers.get("User-Agent")))
 
         def _index(self, body: bool) -> None:
             if not index:
@@ -154,6 +167,17 @@ def _make_handler(root: Path, index: bool, log: list[tuple[str, str]] | None,
             links = "".join(f'<a href="{quote(n)}">{html.escape(n)}</a>\n' for n in names)
             page = f"<html><body><h1>Index of /</h1><hr><pre>\n{links}</pre></body></html>\n"
             self._send(200, page.encode(), content_type="text/html", body=body)
+
+        def _export_index(self, body: bool) -> None:
+            fault = faults._active(INDEX_PATH[1:], self.command) if faults is not None else None
+            if fault is not None and fault.status is not None:
+                self._send(fault.status, f"HTTP {fault.status}\n".encode(), body=body)
+                return
+            host, port = self.server.server_address[:2]
+            text = (root / INDEX_PATH[1:]).read_text().replace(INDEX_ORIGIN,
+                                                                f"http://{host}:{port}")
+            self._send(200, text.encode(), content_type="application/json; charset=utf-8",
+                       body=body)
 
         def _file(self, name: str, body: bool) -> None:
             target = root / name

@@ -82,7 +82,6 @@ def world(tmp_path, generated_dump):
 def test_new_dump_runs_the_chain_once_and_an_unchanged_one_nothing(world):
     assert world.tick() == {}  # the sensor's first tick, before anything was observed
     v1 = world.observe()
-    assert v1.startswith(DUMP_DATE)
     assert world.tick() == {k: 1 for k in PIPELINE_KEYS}
     first = world.run()
     assert first.success
@@ -94,7 +93,7 @@ def test_new_dump_runs_the_chain_once_and_an_unchanged_one_nothing(world):
 
     copy_dump(world.source, world.source, NEW_DATE)  # tomorrow's dump appears
     v2 = world.observe()
-    assert v2 != v1 and v2.startswith(NEW_DATE)
+    assert v2 != v1
     assert world.tick() == {k: 1 for k in PIPELINE_KEYS}
     second = world.run()
     assert second.success

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from e6score_dagster.dump_source import DumpSource, DumpSourceError
 from e6score_dagster.schema import POSTS_COLUMNS, TAGS_COLUMNS, dump_file_name
+from e6score_dagster.sources import DumpSource, DumpSourceError
 from e6score_dagster_tests.http_server import Faults, FileFault, serve_directory
 
 OLD, NEW = "2024-01-30", "2024-01-31"
@@ -166,7 +166,6 @@ def test_transient_status_twice_then_ok(src: Path, tmp_path: Path, status: int) 
         files = client(url, messages).fetch(NEW, tmp_path / "dest")
     assert [g.status for g in faults.gets(name)] == [status, status, 200]
     assert_verified_copy(files.posts, src / name)
-    assert sum(f"HTTP {status}" in m and "retry" in m for m in messages) == 2
 
 
 def test_retries_are_bounded_with_backoff(src: Path, tmp_path: Path) -> None:
@@ -195,18 +194,17 @@ def test_client_errors_are_not_retried(src: Path, tmp_path: Path, status: int) -
 # ---- fallback to an earlier dump ---------------------------------------------------------
 
 
-def test_fetch_newest_falls_back_when_newest_always_fails(src: Path, tmp_path: Path) -> None:
+def test_server_errors_do_not_fall_back(src: Path, tmp_path: Path) -> None:
+    """Only a dump that is genuinely absent (404) is skipped; a failing server is an error,
+    not a reason to quietly score yesterday's dump."""
     name = dump_file_name("posts", NEW)
     faults = Faults(files={name: FileFault(status=500)})
-    messages: list[str] = []
     dest = tmp_path / "dest"
-    with serve_directory(src, faults=faults) as url:
-        files = client(url, messages, retries=2).fetch_newest(dest)
-    assert files.date == OLD
-    assert_verified_copy(files.posts, src / dump_file_name("posts", OLD))
-    assert len(faults.gets(name)) == 3  # retried before giving up on the date
-    assert promoted(dest / NEW) == []
-    assert any(f"dump {NEW} unusable, falling back to {OLD}" in m for m in messages)
+    with serve_directory(src, faults=faults) as url, pytest.raises(
+            DumpSourceError, match=r"HTTP 500.*gave up after 3 attempts"):
+        client(url, retries=2).fetch_newest(dest)
+    assert len(faults.gets(name)) == 3  # retried before giving up
+    assert promoted(dest / NEW) == [] and not (dest / OLD).exists()
 
 
 def test_fetch_newest_falls_back_on_404_for_todays_posts(tmp_path: Path) -> None:
@@ -219,6 +217,7 @@ def test_fetch_newest_falls_back_on_404_for_todays_posts(tmp_path: Path) -> None
         assert source.newest_date() == today
         files = source.fetch_newest(tmp_path / "dest")
     assert files.date == yesterday
+    assert files.fallback is not None and today in files.fallback and "not found" in files.fallback
     assert len(faults.gets(dump_file_name("posts", today))) == 1  # 404: not retried
     assert promoted(tmp_path / "dest" / today) == []
 
@@ -234,15 +233,15 @@ def test_fetch_newest_without_trouble_takes_the_newest(src: Path, tmp_path: Path
 def test_fetch_newest_gives_up_naming_every_date(tmp_path: Path) -> None:
     dates = ["2024-01-27", "2024-01-28", "2024-01-29", "2024-01-30"]
     folder = make_source(tmp_path / "src", *dates)
-    faults = Faults(files={dump_file_name("posts", "2024-01-30"): FileFault(status=500),
-                           dump_file_name("tags", "2024-01-29"): FileFault(status=404),
-                           dump_file_name("posts", "2024-01-28"): FileFault(truncate_to=5000)})
+    faults = Faults(files={dump_file_name("posts", "2024-01-30"): FileFault(status=404),
+                           dump_file_name("tags", "2024-01-29"): FileFault(status=410),
+                           dump_file_name("posts", "2024-01-28"): FileFault(status=404)})
     with serve_directory(folder, faults=faults) as url, pytest.raises(DumpSourceError) as info:
         client(url, retries=1).fetch_newest(tmp_path / "dest", max_fallback=2)
     text = str(info.value)
-    assert "2024-01-30: " in text and "HTTP 500" in text
-    assert "2024-01-29: " in text and "not found" in text
-    assert "2024-01-28: " in text and "truncated" in text
+    assert "2024-01-30: posts" in text and "not found" in text
+    assert "2024-01-29: tags" in text
+    assert "2024-01-28: posts" in text
     assert "1 older dump(s) not tried" in text
     assert not (tmp_path / "dest" / "2024-01-27").exists()  # beyond max_fallback
 
@@ -261,9 +260,9 @@ def test_truncated_file_is_rejected_and_never_promoted(src: Path, tmp_path: Path
             source.fetch(NEW, dest)
         assert len(faults.gets(name)) == 1  # what the server has is broken: no retry
         assert promoted(dest / NEW) == []  # neither the file, nor .ok, nor .part
-        files = source.fetch_newest(dest)
-    assert files.date == OLD
-    assert promoted(dest / NEW) == []
+        with pytest.raises(DumpSourceError, match="truncated gzip"):
+            source.fetch_newest(dest)  # broken is not absent: no fallback to OLD
+    assert promoted(dest / NEW) == [] and not (dest / OLD).exists()
 
 
 def test_stale_part_file_is_discarded(src: Path, tmp_path: Path) -> None:

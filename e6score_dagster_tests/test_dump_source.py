@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from e6score_dagster.dump_source import (
+from e6score_dagster.schema import POOLS_COLUMNS, POSTS_COLUMNS, TAGS_COLUMNS, dump_file_name
+from e6score_dagster.sources import (
     DumpFiles,
     DumpSource,
     DumpSourceError,
+    SourceUnreachable,
     is_url,
     parse_index_page,
     validate_date,
 )
-from e6score_dagster.schema import POOLS_COLUMNS, POSTS_COLUMNS, TAGS_COLUMNS, dump_file_name
 from e6score_dagster_tests.http_server import serve_directory
 
 HEADERS = {"posts": POSTS_COLUMNS, "tags": TAGS_COLUMNS, "pools": POOLS_COLUMNS}
@@ -42,7 +43,9 @@ def days_ago(n: int) -> str:
 
 
 def file_gets(log: list[tuple[str, str]]) -> list[str]:
-    return [path for method, path in log if method == "GET" and path != "/"]
+    """Dump files downloaded (not the listing, nor the look for a current-layout index)."""
+    return [path for method, path in log
+            if method == "GET" and path not in ("/", "/db_exports.json")]
 
 
 @pytest.fixture
@@ -267,5 +270,7 @@ def test_redirects_same_host_only(tmp_path: Path) -> None:
 def test_unreachable_host_fails_fast(tmp_path: Path) -> None:
     with serve_directory(tmp_path) as url:
         pass  # server now closed: its port refuses connections
-    with pytest.raises(DumpSourceError, match="cannot list dumps"):
-        DumpSource(url, timeout_s=5).newest_date()
+    with pytest.raises(SourceUnreachable, match=r"cannot reach .*Connection refused.*check "
+                       "E6SCORE_DUMP_SOURCE") as info:
+        DumpSource(url, timeout_s=5, backoff_s=0.01).newest_date()
+    assert "\n" not in str(info.value)

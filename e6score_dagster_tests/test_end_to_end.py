@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from e6score_dagster.model import load_params
-from e6score_dagster.schema import POSTS_COLUMNS
+from e6score_dagster.schema import POSTS_ALL_COLUMNS, POSTS_COLUMNS
 from e6score_dagster_tests.conftest import DUMP_DATE, materialize
 from e6score_dagster_tests.http_server import serve_directory
 
@@ -54,7 +54,7 @@ def test_export_has_every_original_column_and_fav_score(pipeline, generated_dump
     dump = _dump_posts(generated_dump).set_index("id")
     export = pd.read_csv(home / "exports" / f"score-{DUMP_DATE}.csv.gz", dtype=str,
                          keep_default_na=False)
-    assert list(export.columns) == [*POSTS_COLUMNS, "fav_score"]
+    assert list(export.columns) == [*POSTS_ALL_COLUMNS, "fav_score"]
     export = export.set_index("id")
     assert set(export.index) == set(dump.index)
     exact = [c for c in POSTS_COLUMNS if c not in ("id", "duration")]

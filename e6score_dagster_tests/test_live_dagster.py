@@ -1,12 +1,12 @@
 """A real `dagster dev` (webserver + daemon) on 127.0.0.1 driving the pipeline by itself.
 
 Ingestion is triggered over GraphQL exactly as a user's button or script would; everything
-after that (the chain of runs) is the automation sensor's doing.
+after that (the chain of runs) is the automation sensor's doing. The source is e621's current
+layout (``db_exports.json`` and undated files) served on 127.0.0.1.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +14,9 @@ import pytest
 from dagster_graphql import DagsterGraphQLClient
 
 from e6score_dagster_tests.conftest import DUMP_DATE
+from e6score_dagster_tests.current_layout import write_current_layout
 from e6score_dagster_tests.dagster_dev import DagsterDev
+from e6score_dagster_tests.http_server import serve_directory
 
 # The bundled sample: dagster dev trains with its default settings, and on a dump much smaller
 # than the sample's 20k posts a converged model and the linear baseline tie within noise, so
@@ -44,7 +46,7 @@ query ($path: [String!]!) {
 class LiveDagster(DagsterDev):
     """dagster dev over a dump folder, with a fast automation sensor."""
 
-    def __init__(self, tmp: Path, source: Path) -> None:
+    def __init__(self, tmp: Path, source: str) -> None:
         super().__init__(tmp, source, {"E6SCORE_AUTOMATION_INTERVAL_S": str(SENSOR_INTERVAL_S)})
         self.client = DagsterGraphQLClient("127.0.0.1", port_number=self.port)
 
@@ -74,17 +76,20 @@ class LiveDagster(DagsterDev):
         raise TimeoutError(f"timed out waiting for {what}; runs: {self.runs()}")
 
 
-def _copy_dump(src: Path, dst: Path, date: str) -> None:
-    for kind in ("posts", "tags"):
-        shutil.copy(src / f"{kind}-{DUMP_DATE}.csv.gz", dst / f"{kind}-{date}.csv.gz")
+def _publish(export: Path, date: str, seed: int) -> None:
+    """The sample as e621 publishes it today, exported at 07:12 UTC on ``date``."""
+    write_current_layout(SAMPLE, DUMP_DATE, export, f"{date}T02:12:33.512-05:00", seed=seed)
 
 
 @pytest.mark.slow
 def test_dagster_dev_follows_new_dumps_and_ignores_unchanged_ones(tmp_path):
-    source = tmp_path / "src"
-    source.mkdir()
-    _copy_dump(SAMPLE, source, DUMP_DATE)
-    live = LiveDagster(tmp_path, source)
+    export = tmp_path / "export"
+    _publish(export, DUMP_DATE, seed=0)
+    with serve_directory(export) as url:
+        _follow(LiveDagster(tmp_path, url + "db_exports.json"), export)
+
+
+def _follow(live: LiveDagster, export: Path) -> None:
     try:
         live.wait_ready()
         time.sleep(5)  # let the automation sensor take its first look before anything exists
@@ -96,7 +101,7 @@ def test_dagster_dev_follows_new_dumps_and_ignores_unchanged_ones(tmp_path):
         params_1 = live.latest("fitted_params")
         assert params_1["dump_date"] == DUMP_DATE and params_1["reused"] is False
 
-        _copy_dump(SAMPLE, source, NEW_DATE)
+        _publish(export, NEW_DATE, seed=1)  # new files under the same names
         live.trigger_ingestion()
         second = live.wait_for(
             lambda: (m := live.latest("scored_posts")) and m["dump_date"] == NEW_DATE and m,

@@ -16,7 +16,8 @@ from e6score_dagster.csv_read import (
     read_csv_sql,
 )
 from e6score_dagster.resources import QualityGates, StateDir
-from e6score_dagster.schema import POSTS_COLUMNS
+from e6score_dagster.schema import POSTS_COLUMNS, POSTS_NEW_COLUMNS
+from e6score_dagster.sql import ident, literal
 from e6score_dagster.store import query_progress
 
 TS_FORMATS = "['%Y-%m-%d %H:%M:%S.%f', '%Y-%m-%d %H:%M:%S']"
@@ -65,6 +66,9 @@ TYPED_COLUMNS = ",\n".join(
         _int("up_score", "INTEGER"),
         _int("down_score", "INTEGER"),
         *(_bool(c) for c in ("is_rating_locked", "is_status_locked", "is_note_locked")),
+        "nullif(trim(bg_color), '') AS bg_color",
+        _ts("last_noted_at"),
+        _ts("last_commented_at"),
         "list_distinct(list_filter(string_split(trim(coalesce(tag_string, '')), ' '), "
         "lambda t: t <> '')) AS tags",
     ]
@@ -83,6 +87,17 @@ CASE
   WHEN rating IS NULL OR rating NOT IN ('s', 'q', 'e') THEN 'rating is not s, q or e'
 END
 """
+
+def posts_source_sql(posts: Path, header: list[str]) -> str:
+    """The posts file as VARCHAR columns; columns of the current export that an old dump
+    lacks are NULL, so both layouts give the same table."""
+    source = read_csv_sql(posts, header, "posts_rejects")
+    missing = [c for c in POSTS_NEW_COLUMNS if c not in header]
+    if not missing:
+        return source
+    nulls = ", ".join(f"NULL::VARCHAR AS {ident(c)}" for c in missing)
+    return f"(SELECT *, {nulls} FROM {source})"
+
 
 EXTRA_COLUMNS = ("id_raw", "fav_count_raw", "created_at_raw", "reason")
 
@@ -103,7 +118,7 @@ def stage_posts(conn, posts: Path, dump_date: str, table: str, rejected: str, lo
         conn.execute(
             f"CREATE OR REPLACE TABLE {table} AS SELECT *, {REJECT_REASON} AS reason "
             f"FROM (SELECT {TYPED_COLUMNS} "
-            f"FROM {read_csv_sql(posts, header, 'posts_rejects')})"
+            f"FROM {posts_source_sql(posts, header)})"
         )
     # Duplicate ids: keep the newest edit of the post, reject the others by name.
     conn.execute(
@@ -126,16 +141,17 @@ def stage_posts(conn, posts: Path, dump_date: str, table: str, rejected: str, lo
         """
     )
     csv_rejected = conn.execute(csv_rejects_count_sql("posts_rejects")).fetchone()[0]
+    day = literal(dump_date)
     conn.execute(
         f"""
         CREATE OR REPLACE TABLE {rejected} AS
-        SELECT DATE '{dump_date}' AS dump_date, 'posts' AS file, 'csv' AS stage,
+        SELECT CAST({day} AS DATE) AS dump_date, 'posts' AS file, 'csv' AS stage,
                line, NULL::VARCHAR AS id,
                string_agg(DISTINCT error_type || ': ' || error_message, '; ') AS reason,
                any_value(left(csv_line, 4096)) AS raw
         FROM posts_rejects GROUP BY scan_id, file_id, line
         UNION ALL
-        SELECT DATE '{dump_date}', 'posts', 'typing', NULL, left(id_raw, 64), reason,
+        SELECT CAST({day} AS DATE), 'posts', 'typing', NULL, left(id_raw, 64), reason,
                left(concat_ws(',', id_raw, created_at_raw, rating, fav_count_raw), 4096)
         FROM {table} WHERE reason IS NOT NULL
         """
@@ -168,7 +184,8 @@ def stage_posts(conn, posts: Path, dump_date: str, table: str, rejected: str, lo
     automation_condition=ON_NEW_DATA_VERSION,
     check_specs=[checks.REJECTED_SHARE, checks.POST_COUNT],
     description="Posts of the current dump as typed DuckDB rows (timestamps, booleans, a tag "
-    "array). Rows that cannot be repaired go to `rejected_rows` with their reason, so "
+    "array; `bg_color`, `last_noted_at`, `last_commented_at` of the current export, null for "
+    "old dumps). Rows that cannot be repaired go to `rejected_rows` with their reason, so "
     "`cleaned_posts` + `rejected_rows` account for every row of the dump.",
 )
 def cleaned_posts(

@@ -18,7 +18,8 @@ from e6score_dagster.model import ParquetBatches, load_params, score_batches
 from e6score_dagster.plots import histogram_md
 from e6score_dagster.report import run_summary_lines
 from e6score_dagster.resources import DB_FILE, StateDir
-from e6score_dagster.schema import POSTS_COLUMNS
+from e6score_dagster.schema import POSTS_ALL_COLUMNS
+from e6score_dagster.sql import ident
 from e6score_dagster.store import query_progress
 
 SCORE_SCHEMA = pa.schema(
@@ -39,16 +40,19 @@ BOOLEAN_COLUMNS = {
     "is_status_locked",
     "is_note_locked",
 }
-TIMESTAMP_COLUMNS = {"created_at", "updated_at"}
+TIMESTAMP_COLUMNS = {"created_at", "updated_at", "last_noted_at", "last_commented_at"}
+# Every posts column of e621's current export (old dumps: the three new ones are empty).
+EXPORT_COLUMNS = POSTS_ALL_COLUMNS
 
 
 def export_column_sql(col: str) -> str:
     """Back to the export's own spelling: t/f booleans, microsecond timestamps."""
+    q = ident(col)
     if col in BOOLEAN_COLUMNS:
-        return f"CASE c.{col} WHEN true THEN 't' WHEN false THEN 'f' END AS {col}"
+        return f"CASE c.{q} WHEN true THEN 't' WHEN false THEN 'f' END AS {q}"
     if col in TIMESTAMP_COLUMNS:
-        return f"strftime(c.{col}, '%Y-%m-%d %H:%M:%S.%f') AS {col}"
-    return f"c.{col}"
+        return f"strftime(c.{q}, '%Y-%m-%d %H:%M:%S.%f') AS {q}"
+    return f"c.{q}"
 
 
 def preview_md(rows: list) -> str:
@@ -96,7 +100,7 @@ def stage_scores(conn, scores: Path, table: str, dump_date: str) -> None:
 
 def write_csv_export(conn, table: str, tmp_csv: Path, out: Path, log) -> None:
     """Every original posts column plus fav_score, gzip-compressed to `out`."""
-    cols = ", ".join(export_column_sql(c) for c in POSTS_COLUMNS)
+    cols = ", ".join(export_column_sql(c) for c in EXPORT_COLUMNS)
     # DuckDB writes plain CSV on all threads; gzip (single-threaded in DuckDB) is done after,
     # on all cores.
     with query_progress(conn, log, "writing the CSV export"):
