@@ -173,8 +173,8 @@ def test_retention_keeps_the_last_n_exports_params_and_dumps(tmp_path, generated
         result = _run(home, src, keep=2)
         assert result.success
     in_use = _current(home)
-    assert sorted(p.name for p in (home / "exports").iterdir()) == [
-        f"score-{d}.csv.gz" for d in dates[-2:]]
+    assert sorted(p.name for p in (home / "exports").iterdir()) == sorted(
+        f"score-{d}.{ext}" for d in dates[-2:] for ext in ("csv.gz", "parquet"))
     params = sorted(p.name for p in (home / "params").iterdir())
     assert len(params) == 2 and Path(in_use["fitted_params"][2]["path"]).name in params
     assert [p.name for p in (home / "features").iterdir()] == [
