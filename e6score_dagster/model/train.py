@@ -96,10 +96,17 @@ class TrainResult:
     best_step: int = 0
     sigma_calibration: float = 1.0  # the factor fitted on the validation slice
     eval_seconds: float = 0.0
+    device: str = ""  # what JAX ran it on, e.g. "cpu" or "NVIDIA H200"
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+def device_name() -> str:
+    """The accelerator JAX chose (a GPU whenever a CUDA build sees one), else "cpu"."""
+    dev = jax.devices()[0]
+    return "cpu" if dev.platform == "cpu" else f"{dev.platform}: {dev.device_kind}"
 
 
 def scaled_learning_rate(config: ModelConfig) -> float:
@@ -438,6 +445,7 @@ def train(
         best_step=best[1] if best[2] is not None else global_step,
         sigma_calibration=factor,
         eval_seconds=eval_seconds,
+        device=device_name(),
     )
 
 
