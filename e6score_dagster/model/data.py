@@ -171,11 +171,11 @@ class ParquetBatches:
     def steps(self) -> int:
         return -(-self.num_rows() // self.batch_size)
 
-    def _row_groups(self, epoch: int) -> Iterator[Batch]:
+    def _row_groups(self, epoch: int, shuffle: bool = True) -> Iterator[Batch]:
         pf = pq.ParquetFile(self.path)
         order = np.arange(pf.num_row_groups)
         rng = None
-        if self.shuffle_seed is not None:
+        if shuffle and self.shuffle_seed is not None:
             rng = np.random.default_rng([self.shuffle_seed, epoch])
             rng.shuffle(order)
         for g in order:
@@ -205,6 +205,19 @@ class ParquetBatches:
             padded = _take(carry, idx)
             padded["weight"][n:] = 0.0
             yield padded
+
+    def row_bytes(self) -> int:
+        """Host bytes one row takes once loaded (model inputs, target, id, weight)."""
+        return 4 * (self.layout.max_tags + len(self.layout.numeric) + 5) + 16
+
+    def load(self) -> Batch:
+        """Every row of the row set, in file order, as one batch (no padding): for fits and
+        scorings that keep the rows resident instead of re-reading the file each pass."""
+        parts = list(self._row_groups(0, shuffle=False))
+        if not parts:
+            empty = pq.ParquetFile(self.path).schema_arrow.empty_table().select(self._columns)
+            return _table_to_batch(empty, self.layout)
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """Batches of one epoch, produced on a background thread while the caller computes."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,17 @@ from e6score_dagster.model.network import (
 MIN_EVAL_STEPS = 25
 MODEL_INPUTS = ("tags", "rating", "ext", "numeric", "t_years")
 Log = Callable[[str], None]
+# Optimiser steps fused into one dispatch (`lax.scan`); the host reads the losses once per chunk.
+CHUNK_STEPS = 32
+# Training rows are kept resident (on the device, or in host memory on a CPU) up to this size;
+# larger row sets stream from the Parquet file in chunks of CHUNK_STEPS batches.
+RESIDENT_MAX_BYTES = 1_500_000_000
+# The batch-size rule: learning rates and step budgets in ModelConfig are stated for batches of
+# REFERENCE_BATCH posts. A batch of B posts trains at learning_rate * sqrt(B / REFERENCE_BATCH)
+# (the square-root rule for Adam) and its step budgets (`min_steps`) shrink by REFERENCE_BATCH / B,
+# so every batch size sees the same number of posts.
+REFERENCE_BATCH = 2048
+PREDICT_BATCH = 8192
 
 
 ARCHITECTURES = {
@@ -84,10 +96,27 @@ class TrainResult:
     best_step: int = 0
     sigma_calibration: float = 1.0  # the factor fitted on the validation slice
     eval_seconds: float = 0.0
+    device: str = ""  # what JAX ran it on, e.g. "cpu" or "NVIDIA H200"
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+def device_name() -> str:
+    """The accelerator JAX chose (a GPU whenever a CUDA build sees one), else "cpu"."""
+    dev = jax.devices()[0]
+    return "cpu" if dev.platform == "cpu" else f"{dev.platform}: {dev.device_kind}"
+
+
+def scaled_learning_rate(config: ModelConfig) -> float:
+    """The batch-size rule's learning rate (see REFERENCE_BATCH)."""
+    return config.learning_rate * math.sqrt(config.batch_size / REFERENCE_BATCH)
+
+
+def scaled_min_steps(config: ModelConfig) -> int:
+    """`min_steps` counts steps of REFERENCE_BATCH posts: the same number of posts at any batch."""
+    return -(-config.min_steps * REFERENCE_BATCH // config.batch_size)
 
 
 def _optimizer(
@@ -95,7 +124,7 @@ def _optimizer(
 ) -> optax.GradientTransformation:
     """One-cycle AdamW; parameters under a `frozen` path prefix are never updated."""
     schedule = optax.cosine_onecycle_schedule(
-        transition_steps=total_steps, peak_value=config.learning_rate, pct_start=0.25
+        transition_steps=total_steps, peak_value=scaled_learning_rate(config), pct_start=0.25
     )
     tx = optax.chain(
         optax.clip_by_global_norm(config.grad_clip),
@@ -114,21 +143,60 @@ def _optimizer(
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
+def _loss_fn(model: E6ScoreNet | LinearNet) -> Callable:
+    def loss(params, batch, rng):
+        mu, sigma = model.apply(
+            {"params": params}, model_inputs(batch), train=True, rngs={"dropout": rng}
+        )
+        w = batch["weight"]
+        return (gaussian_nll(mu, sigma, batch["y"]) * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+    return loss
+
+
 def _train_step(model: E6ScoreNet | LinearNet, tx: optax.GradientTransformation) -> Callable:
+    """One optimiser step on one batch (the unit whose FLOPs are counted)."""
+    grad = jax.value_and_grad(_loss_fn(model))
+
     @jax.jit
     def step(params, opt_state, batch, rng):
-        def loss_fn(p):
-            mu, sigma = model.apply(
-                {"params": p}, model_inputs(batch), train=True, rngs={"dropout": rng}
-            )
-            w = batch["weight"]
-            return (gaussian_nll(mu, sigma, batch["y"]) * w).sum() / jnp.maximum(w.sum(), 1.0)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        loss, grads = grad(params, batch, rng)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step
+
+
+def _chunk_runner(
+    model: E6ScoreNet | LinearNet, tx: optax.GradientTransformation, dropout_key: jax.Array
+) -> Callable:
+    """Several optimiser steps in one dispatch: a `lax.scan` over rows of `idx`, each step
+    gathering its batch from the resident `rows` on the device. Steps with `valid` False (the
+    padding of a short chunk) leave params and optimiser state untouched."""
+    grad = jax.value_and_grad(_loss_fn(model))
+
+    @jax.jit
+    def run(params, opt_state, rows, idx, weight, valid, step0):
+        def body(carry, xs):
+            params, opt_state = carry
+            i, w, ok, s = xs
+            batch = {k: rows[k][i] for k in (*MODEL_INPUTS, "y")} | {"weight": w}
+            loss, grads = grad(params, batch, jax.random.fold_in(dropout_key, s))
+            updates, new_state = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            keep = partial(jnp.where, ok)
+            return (
+                jax.tree_util.tree_map(keep, new_params, params),
+                jax.tree_util.tree_map(keep, new_state, opt_state),
+            ), loss
+
+        steps = step0 + jnp.arange(idx.shape[0])
+        (params, opt_state), losses = jax.lax.scan(
+            body, (params, opt_state), (idx, weight, valid, steps)
+        )
+        return params, opt_state, losses
+
+    return run
 
 
 def train_step_flops(config: ModelConfig, layout: FeatureLayout) -> float:
@@ -162,6 +230,23 @@ def _predict(fwd: Callable, params: dict, data: ParquetBatches) -> tuple[np.ndar
     return np.concatenate(ys), np.concatenate(mus), np.concatenate(sigmas)
 
 
+def _predict_rows(fwd: Callable, params: dict, rows: Batch) -> tuple[np.ndarray, ...]:
+    """(y, mu, sigma) of resident rows: fixed-size slices dispatched back to back, one
+    transfer to the host at the end."""
+    n = len(rows["y"])
+    if n == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    bs = min(PREDICT_BATCH, n)
+    pad = -n % bs
+    inputs = {k: np.concatenate([rows[k], rows[k][:pad]]) if pad else rows[k] for k in MODEL_INPUTS}
+    outs = [
+        fwd(params, {k: v[i : i + bs] for k, v in inputs.items()}) for i in range(0, n + pad, bs)
+    ]
+    mu = np.asarray(jnp.concatenate([o[0] for o in outs]))[:n]
+    sigma = np.asarray(jnp.concatenate([o[1] for o in outs]))[:n]
+    return rows["y"], mu, sigma
+
+
 def _nll(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
     return float(np.asarray(gaussian_nll(mu, sigma, y), np.float64).mean())
 
@@ -172,6 +257,51 @@ def calibrate_scale(params: dict, y: np.ndarray, mu: np.ndarray, sigma: np.ndarr
     factor = float(np.sqrt(np.mean(np.square((y - mu) / sigma)))) if y.size else 1.0
     params["sigma_calibration"] = np.asarray(math.log(factor), np.float32)
     return factor
+
+
+def _resident_chunks(
+    n: int, batch_size: int, seed: int, epoch: int, chunk: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """One epoch over `n` resident rows: (idx [chunk, B], weight [chunk, B], real steps) per
+    chunk, from a fresh permutation; the last batch is padded with weight-0 rows."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+    steps = -(-n // batch_size)
+    pad = steps * batch_size - n
+    idx = np.concatenate([perm, np.zeros(pad, np.int32)]).reshape(steps, batch_size)
+    weight = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    weight = weight.reshape(steps, batch_size)
+    for s0 in range(0, steps, chunk):
+        real = min(chunk, steps - s0)
+        i, w = idx[s0 : s0 + real], weight[s0 : s0 + real]
+        if real < chunk:
+            i = np.concatenate([i, np.zeros((chunk - real, batch_size), np.int32)])
+            w = np.concatenate([w, np.zeros((chunk - real, batch_size), np.float32)])
+        yield i, w, real
+
+
+def _streamed_chunks(
+    data: ParquetBatches, epoch: int, chunk: int
+) -> Iterator[tuple[Batch, np.ndarray, np.ndarray, int]]:
+    """One epoch streamed from the file: `chunk` batches stacked into rows, with the index
+    and weight matrices that walk them in order."""
+    bs = data.batch_size
+    idx = np.arange(chunk * bs, dtype=np.int32).reshape(chunk, bs)
+    batches: list[Batch] = []
+
+    def emit() -> tuple[Batch, np.ndarray, np.ndarray, int]:
+        real = len(batches)
+        full = batches + [batches[-1]] * (chunk - real)
+        rows = {k: np.concatenate([b[k] for b in full]) for k in (*MODEL_INPUTS, "y")}
+        weight = np.stack([b["weight"] for b in full])
+        return rows, idx, weight, real
+
+    for batch in data.epoch(epoch):
+        batches.append(batch)
+        if len(batches) == chunk:
+            yield emit()
+            batches = []
+    if batches:
+        yield emit()
 
 
 def train(
@@ -186,77 +316,104 @@ def train(
 ) -> TrainResult:
     """Fit on `data`, starting from `init` if given and never updating params under `frozen`
     paths. With `validation` rows: keep the params that score best on them (the starting
-    point included), stop early when they stop improving, and calibrate sigma on them."""
+    point included), stop early when they stop improving, and calibrate sigma on them.
+
+    The loop keeps the device busy: the training rows stay resident on it when they fit
+    (RESIDENT_MAX_BYTES; else they stream in chunks), CHUNK_STEPS steps run per dispatch, and
+    the host reads the loss once per chunk; validation rows are resident and scored through
+    one jitted forward."""
     model = make_model(config, layout)
     fwd = _forward(model)
     steps_per_epoch = data.steps()
     if steps_per_epoch == 0:
         raise ValueError("no training rows in the feature matrix")
     # Small data needs more passes to converge: at least `min_steps` steps, in whole epochs.
-    epochs = max(config.epochs, -(-config.min_steps // steps_per_epoch))
+    epochs = max(config.epochs, -(-scaled_min_steps(config) // steps_per_epoch))
     total = epochs * steps_per_epoch
     tx = _optimizer(config, total, frozen)
     params = init_params(config, layout) if init is None else init
     opt_state = tx.init(params)
-    step = _train_step(model, tx)
-    dropout_key = jax.random.PRNGKey(config.seed + 1)
+    run = _chunk_runner(model, tx, jax.random.PRNGKey(config.seed + 1))
+    # Scored a few times per epoch, but not so often that a tiny slice's noise stops the run;
+    # chunks end on scoring steps.
+    eval_every = max(MIN_EVAL_STEPS, steps_per_epoch // max(1, config.evals_per_epoch))
+    chunk = min(CHUNK_STEPS, eval_every, steps_per_epoch)
+    eval_every = -(-eval_every // chunk) * chunk
 
+    t_load = time.perf_counter()
+    wait_start = data.wait_seconds  # the loader may be shared by several fits
+    resident = data.num_rows() * data.row_bytes() <= RESIDENT_MAX_BYTES
+    rows = None
+    if resident:
+        rows = jax.device_put({k: v for k, v in data.load().items() if k in (*MODEL_INPUTS, "y")})
+    val_rows = validation.load() if validation is not None else None
+    has_val = val_rows is not None and len(val_rows["y"]) > 0
+    load_seconds = time.perf_counter() - t_load
     log(
-        f"training: {data.num_rows():,} posts, up to {epochs} epochs x {steps_per_epoch} steps "
-        f"of {config.batch_size}"
+        f"training: {data.num_rows():,} posts ({'resident' if resident else 'streamed'}), "
+        f"up to {epochs} epochs x {steps_per_epoch} steps of {config.batch_size}, "
+        f"{chunk} steps per dispatch"
     )
     history: list[dict] = []
     val_curve: list[dict] = []
-    has_val = validation is not None and validation.num_rows() > 0
-    # Scored a few times per epoch, but not so often that a tiny slice's noise stops the run.
-    eval_every = max(MIN_EVAL_STEPS, steps_per_epoch // max(1, config.evals_per_epoch))
     best = (math.inf, 0, None)  # (nll, step, params)
     stale = 0
     if has_val and init is not None:
-        nll = _nll(*_predict(fwd, params, validation))
+        nll = _nll(*_predict_rows(fwd, params, val_rows))
         val_curve.append({"step": 0, "nll": nll})
         best = (nll, 0, jax.device_get(params))
     t_start = time.perf_counter()
     t_log = t_start
-    wait_start = data.wait_seconds  # the loader may be shared by several fits
     eval_seconds = 0.0
     running, n_running, global_step = 0.0, 0, 0
     record_every = max(1, total // 200)
+    valid_mask = np.arange(chunk)
     stop = False
     for epoch in range(epochs):
         if stop:
             break
-        for batch in data.epoch(epoch):
-            jbatch = {k: batch[k] for k in (*MODEL_INPUTS, "y", "weight")}
-            rng = jax.random.fold_in(dropout_key, global_step)
-            params, opt_state, loss = step(params, opt_state, jbatch, rng)
-            loss_v = float(loss)
-            global_step += 1
-            if not math.isfinite(loss_v):
-                raise NonFiniteLossError(
-                    f"training loss became {loss_v} at step {global_step} (epoch {epoch + 1}); "
-                    "params were not saved"
+        if resident:
+            chunks = (
+                (rows, i, w, real)
+                for i, w, real in _resident_chunks(
+                    data.num_rows(), config.batch_size, config.seed, epoch, chunk
                 )
-            running += loss_v
-            n_running += 1
-            if global_step % record_every == 0 or global_step == total:
-                history.append({"step": global_step, "epoch": epoch, "loss": running / n_running})
+            )
+        else:
+            chunks = _streamed_chunks(data, epoch, chunk)
+        for chunk_rows, idx, weight, real in chunks:
+            params, opt_state, losses = run(
+                params, opt_state, chunk_rows, idx, weight, valid_mask < real, global_step
+            )
+            losses = np.asarray(losses)[:real]
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if bad.size:
+                raise NonFiniteLossError(
+                    f"training loss became {losses[bad[0]]} at step {global_step + bad[0] + 1} "
+                    f"(epoch {epoch + 1}); params were not saved"
+                )
+            for loss_v in losses.tolist():
+                global_step += 1
+                running += loss_v
+                n_running += 1
+                if global_step % record_every == 0 or global_step == total:
+                    history.append(
+                        {"step": global_step, "epoch": epoch, "loss": running / n_running}
+                    )
+                    running, n_running = 0.0, 0
             now = time.perf_counter()
             if now - t_log >= log_every_s or global_step == total:
                 elapsed = now - t_start - eval_seconds
                 rate = global_step * config.batch_size / elapsed
                 eta = (total - global_step) * elapsed / global_step
-                wait = (data.wait_seconds - wait_start) / elapsed
                 log(
-                    f"step {global_step}/{total} epoch {epoch + 1} loss {running / n_running:.4f} "
-                    f"{rate:,.0f} posts/s, data wait {wait:.0%}, ETA {eta:.0f}s"
+                    f"step {global_step}/{total} epoch {epoch + 1} loss {losses.mean():.4f} "
+                    f"{rate:,.0f} posts/s, ETA {eta:.0f}s"
                 )
                 t_log = now
-            if global_step % record_every == 0:
-                running, n_running = 0.0, 0
             if has_val and (global_step % eval_every == 0 or global_step == total):
                 t_eval = time.perf_counter()
-                nll = _nll(*_predict(fwd, params, validation))
+                nll = _nll(*_predict_rows(fwd, params, val_rows))
                 eval_seconds += time.perf_counter() - t_eval
                 val_curve.append({"step": global_step, "nll": nll})
                 if nll < best[0]:
@@ -275,19 +432,20 @@ def train(
     factor = 1.0
     if has_val:
         final = jax.tree_util.tree_map(np.array, final)  # a writable copy
-        factor = calibrate_scale(final, *_predict(fwd, final, validation))
+        factor = calibrate_scale(final, *_predict_rows(fwd, final, val_rows))
         log(f"best validation NLL {best[0]:.4f} at step {best[1]}; sigma x {factor:.3f}")
     return TrainResult(
         params=final,
         steps=global_step,
         seconds=seconds,
-        data_wait_seconds=data.wait_seconds - wait_start,
+        data_wait_seconds=load_seconds + data.wait_seconds - wait_start,
         posts_per_second=global_step * config.batch_size / seconds,
         history=history,
         validation=val_curve,
         best_step=best[1] if best[2] is not None else global_step,
         sigma_calibration=factor,
         eval_seconds=eval_seconds,
+        device=device_name(),
     )
 
 
