@@ -9,21 +9,23 @@ from dagster_duckdb import DuckDBResource
 from scipy.stats import norm
 
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
-from e6score_dagster.model import (
-    FeatureLayout,
-    ModelConfig,
-    ParquetBatches,
-    load_params,
-    predict,
-    save_params,
-)
-from e6score_dagster.model.metrics import predictive_metrics
+from e6score_dagster.model import FeatureLayout, ModelConfig, load_params, save_params
 from e6score_dagster.model.params import Fitted
-from e6score_dagster.model.train import baseline_config, fit_with_baseline, metrics_with_constant
+from e6score_dagster.model.select import (
+    CURRENT_TOLERANCE,
+    MIN_GAIN_OVER_CONSTANT,
+    GateDecision,
+    Selection,
+    current_holdout_nll,
+    gate,
+    out_of_fold_predictions,
+    select_and_crossfit,
+)
 from e6score_dagster.plots import calibration_md, line_plot_md, scatter_md
 from e6score_dagster.resources import StateDir
 from e6score_dagster.store import (
     code_version,
+    last_build,
     lineage_metadata,
     read_lineage,
     record_lineage,
@@ -32,12 +34,7 @@ from e6score_dagster.store import (
 )
 
 _DEFAULTS = ModelConfig()
-
-
-BASELINES = ("constant", "linear")
-# "Better" means by more than rounding and the scale calibration's own noise: a model that
-# predicts what a baseline predicts must not pass by a hair.
-MIN_NLL_GAIN = 1e-3
+CHECK = "fit_is_publishable"
 
 
 class TrainingConfig(dg.Config):
@@ -63,6 +60,10 @@ class TrainingConfig(dg.Config):
     validation_fraction: float = _DEFAULTS.validation_fraction
     evals_per_epoch: int = _DEFAULTS.evals_per_epoch
     patience: int = _DEFAULTS.patience
+    candidates: list[str] = list(_DEFAULTS.candidates)
+    """Fitted and compared on validation NLL; the best is published."""
+    folds: int = _DEFAULTS.folds
+    """Cross-fitting folds: each post is scored by a model fitted without its fold."""
 
     def to_model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model_dump())
@@ -72,23 +73,26 @@ class TrainingConfig(dg.Config):
     group_name="model",
     deps=["feature_matrix"],
     kinds={"jax", "msgpack"},
-    code_version="2",
+    code_version="3",
     pool="duckdb",
     automation_condition=ON_NEW_DATA_VERSION,
     check_specs=[
         dg.AssetCheckSpec(
-            "beats_baselines",
+            CHECK,
             asset="fitted_params",
             blocking=True,
-            description="Held-out NLL beats (by at least 0.001) a constant log-normal and a "
-            "linear model on tag indicators plus metadata, fitted on the same split. A fit that "
-            "does not is kept for inspection but not used: the previous params stay in use.",
+            description="The published model (the candidate with the best validation NLL) "
+            f"beats a constant log-normal on hold-out NLL by at least {MIN_GAIN_OVER_CONSTANT} "
+            "(less means broken data or training), and is not worse than the params in use, "
+            f"on the same hold-out, by more than {CURRENT_TOLERANCE}. A fit that fails is kept "
+            "for inspection but not used: the previous params stay in use.",
         )
     ],
-    description="The fitted E6Score model (Flax params, msgpack), trained on every non-deleted "
-    "post outside the hold-out set. One file per (feature matrix, code version, config) under "
-    "`$E6SCORE_HOME/params/`: the same inputs never train twice, and earlier files stay "
-    "loadable.",
+    description="The fitted E6Score model (Flax params, msgpack): the candidate (constant, "
+    "linear, additive, deep) with the best validation NLL, refitted without each "
+    "cross-fitting fold so every post is scored out of fold. One file per (feature matrix, "
+    "code version, config) under `$E6SCORE_HOME/params/`: the same inputs never train twice, "
+    "and earlier files stay loadable.",
 )
 def fitted_params(
     context: dg.AssetExecutionContext,
@@ -99,6 +103,7 @@ def fitted_params(
     t0 = time.perf_counter()
     with duckdb.get_connection() as conn:
         dump_date, features = read_lineage(conn, "feature_matrix")
+        current = last_build(conn, "fitted_params")
     mcfg = config.to_model_config()
     inputs = {"feature_matrix": features["key"]}
     key = version_key(inputs, code_version(context), mcfg.to_dict())
@@ -106,97 +111,112 @@ def fitted_params(
     if path.exists():
         context.log.info(f"params for these inputs, code and config exist: reusing {path.name}")
         meta = load_params(path).meta
-        gate = _gate(meta.get("metrics", {}))
-        if gate.passed:
-            with duckdb.get_connection() as conn, transaction(conn):
-                record_lineage(
-                    conn, "fitted_params", dump_date, {"key": key, "path": str(path), **meta}
-                )
+        decision = GateDecision(**meta["gate"])
+        if decision.passed:
+            _publish(duckdb, dump_date, key, path, meta)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(key),
             metadata={
                 **lineage_metadata(dump_date, key, inputs, reused=True),
                 "params_path": dg.MetadataValue.path(str(path)),
+                "chosen_candidate": meta.get("chosen_candidate", ""),
                 **_metric_metadata(meta.get("metrics", {})),
             },
-            check_results=[gate],
+            check_results=[_check(decision)],
         )
     fdir = Path(features["dir"])
     layout = FeatureLayout.read(fdir / "layout.json")
     matrix = fdir / "matrix.parquet"
-    split = {"validation_fraction": mcfg.validation_fraction}
-    data = ParquetBatches(
-        matrix, layout, mcfg.batch_size, rows="train", shuffle_seed=mcfg.seed, **split
-    )
-    validation = ParquetBatches(matrix, layout, 8192, rows="validation", **split)
-    held_out = ParquetBatches(matrix, layout, 8192, rows="holdout")
-    # The linear baseline: same split and optimiser, additive in the tags and metadata.
-    fits = fit_with_baseline(mcfg, layout, data, validation, log=context.log.info)
-    result = fits.model
-    y, mu, sigma = predict(mcfg, layout, result.params, held_out)
-    metrics = metrics_with_constant(y, mu, sigma, layout)
-    stages = {"linear": (baseline_config(mcfg), fits.linear)}
-    if fits.additive is not None:  # reported, to show what each stage adds
-        stages["additive"] = (baseline_config(mcfg, "additive"), fits.additive)
-    for name, (cfg, fit) in stages.items():
-        sy, smu, ssigma = predict(cfg, layout, fit.params, held_out)
-        if sy.size:
-            stage_metrics = predictive_metrics(sy, smu, ssigma)
-            metrics |= {f"{name}_{k}": v for k, v in stage_metrics.items() if k != "n"}
-    context.log.info(f"held-out metrics: {metrics}")
-    gate = _gate(metrics)
+    selection = select_and_crossfit(mcfg, layout, matrix, log=context.log.info)
+    current_nll = None
+    if current is not None and Path(current[1]["path"]).exists():
+        current_nll = current_holdout_nll(load_params(Path(current[1]["path"])), layout, matrix)
+    decision = gate(selection, current_nll)
+    metrics = selection.holdout
+    context.log.info(f"chosen {selection.chosen}; held-out metrics: {metrics}")
     meta = {
         "dump_date": dump_date,
         "inputs": inputs,
         "code_version": code_version(context),
+        "chosen_candidate": selection.chosen,
         "metrics": metrics,
+        "candidates": selection.candidate_table(),
+        "gate": {
+            "passed": decision.passed,
+            "reason": decision.reason,
+            "metadata": decision.metadata,
+        },
     }
-    save_params(path, Fitted(result.params, mcfg, layout, meta))
-    if gate.passed:
-        with duckdb.get_connection() as conn, transaction(conn):
-            record_lineage(
-                conn, "fitted_params", dump_date, {"key": key, "path": str(path), **meta}
-            )
+    fitted = Fitted(selection.params, selection.config, layout, meta, selection.fold_params)
+    save_params(path, fitted)
+    if decision.passed:
+        _publish(duckdb, dump_date, key, path, meta)
     else:
         context.log.warning(
-            f"the new fit does not beat {gate.metadata['loses_to'].value}: kept {path.name} for "
-            "inspection, the previous params stay in use"
+            f"{decision.reason}: kept {path.name} for inspection, the previous params stay in use"
         )
-    curve = [(h["step"], h["loss"]) for h in result.history]
+    y, mu, sigma = out_of_fold_predictions(selection.config, layout, selection.fold_params, matrix)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(key),
         metadata={
             **lineage_metadata(dump_date, key, inputs, reused=False),
             "params_path": dg.MetadataValue.path(str(path)),
             "config": dg.MetadataValue.json(mcfg.to_dict()),
-            "training_posts": dg.MetadataValue.int(data.num_rows()),
+            **_selection_metadata(selection),
             **_metric_metadata(metrics),
-            "validation_posts": dg.MetadataValue.int(validation.num_rows()),
-            "steps": dg.MetadataValue.int(result.steps),
-            "best_step": dg.MetadataValue.int(result.best_step),
-            "sigma_calibration": round(result.sigma_calibration, 4),
-            "train_seconds": round(result.seconds, 2),
-            "validation_seconds": round(result.eval_seconds, 2),
-            "stage_seconds": dg.MetadataValue.json(
-                {
-                    "linear": round(fits.linear.seconds, 2),
-                    **({"additive": round(fits.additive.seconds, 2)} if fits.additive else {}),
-                    "deep": round(result.seconds, 2),
-                }
-            ),
-            "posts_per_second": round(result.posts_per_second, 1),
-            "data_wait_share": round(result.data_wait_seconds / max(result.seconds, 1e-9), 4),
-            "loss_curve": dg.MetadataValue.md(line_plot_md(curve, "step", "training NLL")),
-            "validation_curve": dg.MetadataValue.md(
-                line_plot_md(
-                    [(v["step"], v["nll"]) for v in result.validation], "step", "validation NLL"
-                )
-            ),
             **_plots(y, mu, sigma),
             "seconds": round(time.perf_counter() - t0, 2),
         },
-        check_results=[gate],
+        check_results=[_check(decision)],
     )
+
+
+def _publish(duckdb: DuckDBResource, dump_date: str, key: str, path: Path, meta: dict) -> None:
+    with duckdb.get_connection() as conn, transaction(conn):
+        record_lineage(conn, "fitted_params", dump_date, {"key": key, "path": str(path), **meta})
+
+
+def _check(decision: GateDecision) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=CHECK,
+        passed=decision.passed,
+        metadata={**decision.metadata, "reason": decision.reason},
+    )
+
+
+def _selection_metadata(selection: Selection) -> dict:
+    """The comparison of candidates and the stage curves, as the UI shows them."""
+    chosen = selection.candidates[selection.chosen]
+    curves = selection.curves()
+    return {
+        "chosen_candidate": selection.chosen,
+        "candidates": dg.MetadataValue.json(selection.candidate_table()),
+        **{
+            f"candidate_{name}_{split}_nll": float(getattr(c, split).get("nll", float("nan")))
+            for name, c in selection.candidates.items()
+            for split in ("validation", "holdout")
+        },
+        "stage_curves": dg.MetadataValue.json(
+            {
+                k: {"points": [list(p) for p in v["points"]], "best_step": v["best_step"]}
+                for k, v in curves.items()
+            }
+        ),
+        **{
+            f"validation_curve_{name}": dg.MetadataValue.md(
+                line_plot_md(curve["points"], "step", f"validation NLL ({name})")
+            )
+            for name, curve in curves.items()
+        },
+        "folds": dg.MetadataValue.int(selection.num_folds),
+        "fold_seconds": dg.MetadataValue.json([round(s, 2) for s in selection.fold_seconds]),
+        "training_posts": dg.MetadataValue.int(selection.training_posts),
+        "validation_posts": dg.MetadataValue.int(selection.validation_posts),
+        "best_step": dg.MetadataValue.int(chosen.best_step),
+        "train_seconds": round(selection.seconds, 2),
+        "posts_per_second": round(selection.posts_per_second(), 1),
+        "device": selection.device,
+    }
 
 
 def _plots(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> dict:
@@ -207,24 +227,6 @@ def _plots(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> dict:
         "calibration": dg.MetadataValue.md(calibration_md(pit)),
         "predicted_vs_observed": dg.MetadataValue.md(scatter_md(np.expm1(y), np.expm1(mu))),
     }
-
-
-def _gate(metrics: dict) -> dg.AssetCheckResult:
-    """Blocking: a fit that does not beat every baseline on held-out NLL is not used."""
-    nll = metrics.get("nll", float("inf"))
-    losers = [
-        b for b in BASELINES if not nll < metrics.get(f"{b}_nll", float("-inf")) - MIN_NLL_GAIN
-    ]
-    return dg.AssetCheckResult(
-        check_name="beats_baselines",
-        passed=bool(metrics.get("n")) and not losers,
-        metadata={
-            "holdout_nll": float(nll),
-            **{f"{b}_nll": float(metrics.get(f"{b}_nll", float("nan"))) for b in BASELINES},
-            "loses_to": ", ".join(losers) or "none",
-            "min_nll_gain": MIN_NLL_GAIN,
-        },
-    )
 
 
 def _metric_metadata(metrics: dict) -> dict:

@@ -91,11 +91,13 @@ def _write_scores(fitted, matrix: Path, out: Path, log) -> tuple[int, float]:
     group_name="scoring",
     deps=["fitted_params", "feature_matrix", "cleaned_posts"],
     kinds={"jax", "duckdb", "csv"},
-    code_version="1",
+    code_version="2",
     pool="duckdb",
     automation_condition=ON_NEW_DATA_VERSION,
     description="`fav_score` for every cleaned post: the model's probability of a favourite "
-    "count at or below the observed one, given metadata only (0.5 = as expected). Also "
+    "count at or below the observed one, given metadata only (0.5 = as expected), from the "
+    "model fitted without the post's cross-fitting fold (no score comes from a model that saw "
+    "that post's favourites). Also "
     "`expected_fav_count` (predictive median) and `fav_zscore`. Table `scored_posts` plus "
     "`exports/score-DATE.csv.gz` (every posts column with fav_score appended).",
 )
