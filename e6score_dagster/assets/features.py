@@ -1,6 +1,7 @@
 """Model inputs as one pre-shuffled Parquet file, built entirely in DuckDB."""
 
 import json
+import math
 import os
 import shutil
 import time
@@ -11,7 +12,7 @@ from dagster_duckdb import DuckDBResource
 
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.model import FeatureLayout
-from e6score_dagster.model.network import CATEGORY_CODES
+from e6score_dagster.model.network import CATEGORY_CODES, UPLOADER_CATEGORY
 from e6score_dagster.resources import StateDir
 from e6score_dagster.schema import SITE_LAUNCH
 from e6score_dagster.store import (
@@ -30,14 +31,36 @@ from e6score_dagster.store import (
 FILE_EXTS = ("jpg", "png", "gif", "webp", "webm", "mp4", "swf")  # index 0 is "other"
 RATING_INDEX = "CASE c.rating WHEN 's' THEN 0 WHEN 'q' THEN 1 ELSE 2 END"
 
-# Numeric metadata, each a SQL expression over cleaned_posts `c` and tag counts `a`.
-# Outcome columns (score, up/down_score, comment_count) are deliberately absent: they are
-# engagement, not metadata, and would explain away the signal fav_score is meant to expose.
+AGE_DAYS_SQL = (
+    "least(greatest(epoch(TIMESTAMP '{dump_date}' - c.created_at) / 86400, 0), 20000)"
+)
+# Knots of a piecewise-linear basis in log(1 + age in days): recency matters most in the
+# first days and weeks (a post keeps collecting favourites), so the knots are dense there.
+AGE_KNOTS_DAYS = (0, 1, 3, 7, 14, 30, 90, 180, 365, 730, 1460, 2920, 5840)
+
+
+def age_basis_sql() -> dict[str, str]:
+    """One "hat" function per knot (a partition of unity): any continuous shape of the age
+    effect that is linear in log age between knots is a weighted sum of them."""
+    x = f"ln(1 + {AGE_DAYS_SQL})"
+    k = [math.log1p(d) for d in AGE_KNOTS_DAYS]
+    out = {}
+    for i, days in enumerate(AGE_KNOTS_DAYS):
+        up = f"({x} - {k[i - 1]!r}) / {k[i] - k[i - 1]!r}" if i > 0 else "1"
+        down = f"({k[i + 1]!r} - {x}) / {k[i + 1] - k[i]!r}" if i + 1 < len(k) else "1"
+        out[f"age_{days}d"] = f"greatest(0, least(1, {up}, {down}))"
+    return out
+
+
+# Numeric metadata, each a SQL expression over cleaned_posts `c`, tag counts `a` and uploader
+# counts `u`. Outcome columns (fav_count, score, up/down_score, comment_count) are deliberately
+# absent: they are engagement, not metadata, and would explain away the signal fav_score is
+# meant to expose (a test permutes them and checks no input column changes).
 NUMERIC_FEATURES: dict[str, str] = {
     "t_upload_years": "least(greatest(epoch(c.created_at - TIMESTAMP '{launch}') "
     "/ (365.25 * 86400), 0), 40)",
-    "log_age_days": "ln(1 + least(greatest(epoch(TIMESTAMP '{dump_date}' - c.created_at) "
-    "/ 86400, 0), 20000))",
+    "log_age_days": f"ln(1 + {AGE_DAYS_SQL})",
+    **age_basis_sql(),
     "log_tag_count": "ln(1 + len(c.tags))",
     "log_artist_tags": "ln(1 + coalesce(a.n_artist, 0))",
     "log_character_tags": "ln(1 + coalesce(a.n_character, 0))",
@@ -54,7 +77,12 @@ NUMERIC_FEATURES: dict[str, str] = {
     "log_description_len": "ln(1 + length(coalesce(c.description, '')))",
     # Site activity in the upload month: a measured proxy of the audience a post met.
     "log_monthly_uploads": "ln(1 + coalesce(m.uploads, 0))",
+    # How active the uploader is (target-free); their own effect enters as a pseudo-tag.
+    "log_uploader_posts": "ln(1 + coalesce(u.n_posts, 0))",
 }
+# Normalised numeric inputs are divided by at least this: a rare indicator (e.g. the basis
+# function of posts under a day old) must not become a huge input.
+MIN_NUMERIC_STD = 0.25
 
 
 class FeatureConfig(dg.Config):
@@ -62,6 +90,11 @@ class FeatureConfig(dg.Config):
     """Tags kept per post (non-general categories first, then the most frequent)."""
     holdout_fraction: float = 0.1
     """Share of posts, chosen by a hash of the id (stable across dumps), never trained on."""
+    dense_min_count: int = 10
+    """Tags on at least this many posts get their own additive effect; rarer ones share
+    hashed rows. The number of dense effects thus grows with the vocabulary."""
+    uploader_min_posts: int = 2
+    """Uploaders with at least this many posts get a (shrunk) effect of their own."""
     row_group_size: int = 65536
 
 
@@ -70,6 +103,10 @@ class FeatureConfig(dg.Config):
 TAG_CODE_SQL = (
     f"tag_index * {CATEGORY_CODES} + least(greatest(category + 1, 0), {CATEGORY_CODES - 1})"
 )
+
+
+# The uploader as the first "tag": their rank by post count, with the uploader category code.
+UPLOADER_CODE_SQL = f"CAST(u.rank * {CATEGORY_CODES} + {UPLOADER_CATEGORY} AS INTEGER)"
 
 
 def holdout_sql(fraction: float, id_col: str = "c.id") -> str:
@@ -105,9 +142,18 @@ def feature_sql(dump_date: str, config: FeatureConfig) -> str:
     m AS (
         SELECT date_trunc('month', created_at) AS month, count(*) AS uploads
         FROM cleaned_posts GROUP BY 1
+    ),
+    u AS (
+        SELECT uploader_id, count(*) AS n_posts,
+               row_number() OVER (ORDER BY count(*) DESC, uploader_id) AS rank
+        FROM cleaned_posts WHERE uploader_id IS NOT NULL GROUP BY 1
     )
     SELECT c.id, c.fav_count, CAST(ln(1 + c.fav_count) AS FLOAT) AS y,
-           CAST(list_resize(coalesce(a.tag_list, []), {config.max_tags}, 0) AS INTEGER[]) AS tags,
+           CAST(list_resize(
+               CASE WHEN u.n_posts >= {config.uploader_min_posts}
+                    THEN list_prepend({UPLOADER_CODE_SQL}, coalesce(a.tag_list, []))
+                    ELSE coalesce(a.tag_list, []) END,
+               {config.max_tags}, 0) AS INTEGER[]) AS tags,
            CAST({RATING_INDEX} AS TINYINT) AS rating_idx,
            CAST({_ext_sql()} AS TINYINT) AS ext_idx,
            {numeric},
@@ -115,12 +161,14 @@ def feature_sql(dump_date: str, config: FeatureConfig) -> str:
            NOT coalesce(c.is_deleted, false) AS trainable
     FROM cleaned_posts c LEFT JOIN a USING (id)
     LEFT JOIN m ON m.month = date_trunc('month', c.created_at)
+    LEFT JOIN u ON u.uploader_id = c.uploader_id
     ORDER BY hash(c.id), c.id
     """
 
 
-def _layout(conn, matrix: Path, config: FeatureConfig) -> FeatureLayout:
-    """Normalisation statistics from the training rows only."""
+def _layout(conn, matrix: Path, config: FeatureConfig, vocabulary_key: str) -> FeatureLayout:
+    """Normalisation statistics from the training rows only; how many tags have dense
+    effects (vocabulary indices below `dense_tags`; 0 is padding)."""
     names = list(NUMERIC_FEATURES)
     aggs = ", ".join(f"avg({n}), stddev_pop({n})" for n in names)
     row = conn.execute(
@@ -130,7 +178,11 @@ def _layout(conn, matrix: Path, config: FeatureConfig) -> FeatureLayout:
     if not row[2]:
         raise dg.Failure("no trainable posts outside the hold-out set")
     means = [float(row[3 + 2 * i] or 0.0) for i in range(len(names))]
-    stds = [float(row[4 + 2 * i] or 0.0) or 1.0 for i in range(len(names))]
+    stds = [max(float(row[4 + 2 * i] or 0.0), MIN_NUMERIC_STD) for i in range(len(names))]
+    n_dense = conn.execute(
+        "SELECT count(*) FROM tag_vocabulary WHERE in_vocab AND freq >= ?",
+        [config.dense_min_count],
+    ).fetchone()[0]
     return FeatureLayout(
         numeric=tuple(names),
         max_tags=config.max_tags,
@@ -140,7 +192,12 @@ def _layout(conn, matrix: Path, config: FeatureConfig) -> FeatureLayout:
         y_std=float(row[1] or 1.0) or 1.0,
         numeric_mean=tuple(means),
         numeric_std=tuple(stds),
-        extra={"holdout_fraction": config.holdout_fraction, "tag_code": TAG_CODE_SQL},
+        extra={
+            "holdout_fraction": config.holdout_fraction,
+            "tag_code": TAG_CODE_SQL,
+            "vocabulary": vocabulary_key,
+            "dense_tags": int(n_dense) + 1 if n_dense else 0,
+        },
     )
 
 
@@ -148,12 +205,14 @@ def _layout(conn, matrix: Path, config: FeatureConfig) -> FeatureLayout:
     group_name="features",
     deps=["cleaned_posts", "tag_vocabulary"],
     kinds={"duckdb", "parquet"},
-    code_version="2",
+    code_version="3",
     pool="duckdb",
     automation_condition=ON_NEW_DATA_VERSION,
-    description="One row per cleaned post: id, log1p(fav_count), a fixed-width tag-index list, "
-    "rating, file type, numeric metadata (upload time, age at the dump, sizes, tag counts by "
-    "category) and the hash-based hold-out flag. Parquet, pre-shuffled, in row groups.",
+    description="One row per cleaned post: id, log1p(fav_count), a fixed-width tag-code list "
+    "(the uploader first, then the tags), rating, file type, numeric metadata (upload time, "
+    "age at the dump with a flexible basis, sizes, tag counts by category, uploader activity) "
+    "and the hash-based hold-out flag. No outcome column is an input. Parquet, pre-shuffled, "
+    "in row groups.",
 )
 def feature_matrix(
     context: dg.AssetExecutionContext,
@@ -183,7 +242,7 @@ def feature_matrix(
                     f"COPY ({feature_sql(dump_date, config)}) TO '{matrix}' "
                     f"(FORMAT parquet, ROW_GROUP_SIZE {config.row_group_size}, COMPRESSION zstd)"
                 )
-            layout = _layout(conn, matrix, config)
+            layout = _layout(conn, matrix, config, vocab["key"])
             (part_dir / "layout.json").write_text(json.dumps(layout.to_dict(), indent=1))
             counts = conn.execute(
                 f"SELECT count(*), count(*) FILTER (WHERE holdout), "
