@@ -167,8 +167,15 @@ def test_round_trip_matches_generated_values(posts: pd.DataFrame) -> None:
 
 def test_truth_parquet(dump: dict[str, Path], posts: pd.DataFrame) -> None:
     truth = pd.read_parquet(dump["truth"])
-    assert list(truth.columns) == ["id", "quality", "expected_log_fav"]
-    assert [str(t) for t in truth.dtypes] == ["int64", "float64", "float64"]
+    assert list(truth.columns) == [
+        "id",
+        "quality",
+        "expected_log_fav",
+        "oracle_mean",
+        "oracle_sd",
+        "oracle_score",
+    ]
+    assert [str(t) for t in truth.dtypes] == ["int64"] + ["float64"] * 5
     assert (truth["id"].to_numpy() == posts["id"].astype(np.int64).to_numpy()).all()
     assert abs(truth["quality"].std() - 1.0) < 0.1
 

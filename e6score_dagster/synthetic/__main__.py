@@ -1,0 +1,3 @@
+from e6score_dagster.synthetic.cli import main
+
+main()
