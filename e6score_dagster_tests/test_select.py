@@ -20,6 +20,7 @@ from e6score_dagster.model.select import (
     gate,
     select_and_crossfit,
 )
+from e6score_dagster.model.stability import rank_stability
 from e6score_dagster_tests.test_model import make_matrix
 
 CONFIG = ModelConfig(batch_size=128, hash_bits=10, embed_dim=8, mlp_widths=(16,),
@@ -149,3 +150,14 @@ def test_a_broken_fit_is_blocked_and_a_worse_one_loses_to_the_params_in_use(addi
     decision = gate(weak, current_nll)
     assert not decision.passed and "worse than the params in use" in decision.reason
     assert gate(selection, current_nll).passed
+
+
+def test_rank_stability_on_common_posts_only():
+    ids_a, ids_b = np.array([1, 2, 3, 4, 9]), np.array([4, 3, 2, 1, 7])
+    same = rank_stability(ids_a, np.array([0.1, 0.2, 0.3, 0.4, 0.5]),
+                          ids_b, np.array([0.4, 0.3, 0.2, 0.1, 0.0]))
+    assert same == {"common_posts": 4, "spearman": pytest.approx(1.0),
+                    "mean_abs_change": pytest.approx(0.0)}
+    flipped = rank_stability(ids_a, np.array([0.1, 0.2, 0.3, 0.4, 0.5]),
+                             ids_b, np.array([0.1, 0.2, 0.3, 0.4, 0.0]))
+    assert flipped["spearman"] == pytest.approx(-1.0)
