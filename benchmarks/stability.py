@@ -60,7 +60,10 @@ def run(source: Path, home: Path) -> float:
     t0 = time.perf_counter()
     subprocess.run(
         ["dagster", "asset", "materialize", "-m", "e6score_dagster", "--select", "*"],
-        env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     return time.perf_counter() - t0
 
@@ -89,8 +92,12 @@ def main() -> None:
         "world": args.world,
         "posts": args.posts,
         "seconds": [round(s1, 1), round(s2, 1)],
-        **rank_stability(first["id"].to_numpy(), first["fav_score"].to_numpy(),
-                         second["id"].to_numpy(), second["fav_score"].to_numpy()),
+        **rank_stability(
+            first["id"].to_numpy(),
+            first["fav_score"].to_numpy(),
+            second["id"].to_numpy(),
+            second["fav_score"].to_numpy(),
+        ),
     }
     print(json.dumps(result))
 
