@@ -105,12 +105,15 @@ def test_monthly_uploads_measure_site_activity(built):
     assert m.loc[1, "log_monthly_uploads"] == pytest.approx(math.log(2), abs=1e-5)
 
 
-def test_age_basis_is_a_partition_of_unity_peaking_at_its_knot(built):
+def test_age_basis_ramps_down_to_the_knots(built):
     _, m = built
-    cols = [f"age_{d}d" for d in AGE_KNOTS_DAYS]
-    assert m[cols].sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-5)
-    assert m.loc[1, "age_1d"] == pytest.approx(1.0, abs=1e-5)  # uploaded a day before the dump
-    assert m.loc[6, "age_0d"] == 1.0  # from the future: age 0
+    # Post 1 was uploaded a day before the dump: log age ln(1.01); post 2 ten years before.
+    assert m.loc[1, "log_age"] == pytest.approx(math.log(1.01), abs=1e-4)
+    assert m.loc[1, "age_under_72h"] == pytest.approx(math.log(3.01 / 1.01), abs=1e-4)
+    assert m.loc[1, "age_under_6h"] == 0.0 and m.loc[1, "age_under_24h"] == 0.0
+    assert all(m.loc[2, f"age_under_{round(d * 24)}h"] == 0.0 for d in AGE_KNOTS_DAYS)
+    # From the future: age 0, the floor of the log.
+    assert m.loc[6, "age_under_24h"] == pytest.approx(math.log(1.01 / 0.01), abs=1e-4)
 
 
 def test_no_outcome_column_reaches_the_inputs(generated_dump, tmp_path):

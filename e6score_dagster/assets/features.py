@@ -34,22 +34,22 @@ RATING_INDEX = "CASE c.rating WHEN 's' THEN 0 WHEN 'q' THEN 1 ELSE 2 END"
 AGE_DAYS_SQL = (
     "least(greatest(epoch(TIMESTAMP '{dump_date}' - c.created_at) / 86400, 0), 20000)"
 )
-# Knots of a piecewise-linear basis in log(1 + age in days): recency matters most in the
-# first days and weeks (a post keeps collecting favourites), so the knots are dense there.
-AGE_KNOTS_DAYS = (0, 1, 3, 7, 14, 30, 90, 180, 365, 730, 1460, 2920, 5840)
+# Log age in days with a floor of a quarter hour: the log resolves hours for fresh posts.
+LOG_AGE_SQL = f"ln({AGE_DAYS_SQL} + 0.01)"
+# Knots of a piecewise-linear function of log age: recency matters most in the first hours,
+# days and weeks (a post keeps collecting favourites), so the knots are dense there.
+AGE_KNOTS_DAYS = (0.25, 1, 3, 7, 14, 30, 90, 365, 1460)
 
 
 def age_basis_sql() -> dict[str, str]:
-    """One "hat" function per knot (a partition of unity): any continuous shape of the age
-    effect that is linear in log age between knots is a weighted sum of them."""
-    x = f"ln(1 + {AGE_DAYS_SQL})"
-    k = [math.log1p(d) for d in AGE_KNOTS_DAYS]
-    out = {}
-    for i, days in enumerate(AGE_KNOTS_DAYS):
-        up = f"({x} - {k[i - 1]!r}) / {k[i] - k[i - 1]!r}" if i > 0 else "1"
-        down = f"({k[i + 1]!r} - {x}) / {k[i + 1] - k[i]!r}" if i + 1 < len(k) else "1"
-        out[f"age_{days}d"] = f"greatest(0, least(1, {up}, {down}))"
-    return out
+    """One ramp per knot, max(0, log(knot) - log age): with the linear term in log age, any
+    continuous function of log age that is linear between knots is a weighted sum of them.
+    Younger than the first knot the shape continues the learned slope, so the few posts under
+    a day old borrow strength from those a few days old."""
+    return {
+        f"age_under_{round(d * 24)}h": f"greatest(0, {math.log(d + 0.01)!r} - {LOG_AGE_SQL})"
+        for d in AGE_KNOTS_DAYS
+    }
 
 
 # Numeric metadata, each a SQL expression over cleaned_posts `c`, tag counts `a` and uploader
@@ -60,6 +60,7 @@ NUMERIC_FEATURES: dict[str, str] = {
     "t_upload_years": "least(greatest(epoch(c.created_at - TIMESTAMP '{launch}') "
     "/ (365.25 * 86400), 0), 40)",
     "log_age_days": f"ln(1 + {AGE_DAYS_SQL})",
+    "log_age": LOG_AGE_SQL,
     **age_basis_sql(),
     "log_tag_count": "ln(1 + len(c.tags))",
     "log_artist_tags": "ln(1 + coalesce(a.n_artist, 0))",

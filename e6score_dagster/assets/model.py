@@ -58,6 +58,7 @@ class TrainingConfig(dg.Config):
     baseline_min_steps: int = _DEFAULTS.baseline_min_steps
     warm_start: bool = _DEFAULTS.warm_start
     validation_fraction: float = _DEFAULTS.validation_fraction
+    min_validation_posts: int = _DEFAULTS.min_validation_posts
     evals_per_epoch: int = _DEFAULTS.evals_per_epoch
     patience: int = _DEFAULTS.patience
     candidates: list[str] = list(_DEFAULTS.candidates)

@@ -27,6 +27,7 @@ class ModelConfig:
     # Early stopping: the validation slice is scored `evals_per_epoch` times per epoch and the
     # best params are kept; training stops after `patience` scorings without improvement.
     validation_fraction: float = 0.05
+    min_validation_posts: int = 0  # small dumps: a larger share (`select.validation_fraction`)
     evals_per_epoch: int = 4
     patience: int = 3
     architecture: str = "e6score"  # "linear": the baseline; "additive": the model's first stage

@@ -46,6 +46,7 @@ SELECTION_MARGIN = 1e-4
 MIN_GAIN_OVER_CONSTANT = 0.01
 CURRENT_TOLERANCE = 0.01
 EVAL_BATCH = 8192
+MAX_VALIDATION_FRACTION = 0.2
 
 
 @dataclass
@@ -125,10 +126,19 @@ def device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', '')}".rstrip(":")
 
 
+def validation_fraction(config: ModelConfig, fit_posts: int) -> float:
+    """`config.validation_fraction`, raised on small dumps so the slice that stops, calibrates
+    and selects every fit holds at least `min_validation_posts` (at most 20% of the posts)."""
+    wanted = config.min_validation_posts / max(fit_posts, 1)
+    return max(config.validation_fraction, min(wanted, MAX_VALIDATION_FRACTION))
+
+
 def _datasets(
     config: ModelConfig, layout: FeatureLayout, matrix: Path, fold: tuple[int, int] | None
 ) -> tuple[ParquetBatches, ParquetBatches]:
-    split = {"validation_fraction": config.validation_fraction, "exclude_fold": fold}
+    fit = ParquetBatches(matrix, layout, config.batch_size, rows="fit", exclude_fold=fold)
+    fraction = validation_fraction(config, fit.num_rows())
+    split = {"validation_fraction": fraction, "exclude_fold": fold}
     data = ParquetBatches(
         matrix, layout, config.batch_size, rows="train", shuffle_seed=config.seed, **split
     )
