@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from e6score_dagster.assets.model import PUBLISHED_ROW
 from e6score_dagster.model import load_params
 from e6score_dagster.schema import POSTS_ALL_COLUMNS, POSTS_COLUMNS
 from e6score_dagster_tests.conftest import DUMP_DATE, materialize
@@ -75,16 +76,19 @@ def test_materialisations_carry_metadata_and_checks_pass(pipeline):
         assert meta["dump_date"].value == DUMP_DATE, asset
         assert "seconds" in meta, asset
     meta = result.asset_materializations_for_node("fitted_params")[0].metadata
+    # Every candidate is reported; the chosen one has the best validation NLL.
+    chosen = meta["chosen_candidate"].value
     candidates = meta["candidate_metrics"].value
-    assert list(candidates) == ["constant", "linear", "additive", "deep"]
-    assert meta["holdout_nll"].value == pytest.approx(candidates["deep"]["nll"], abs=1e-4)
+    published = candidates.pop(PUBLISHED_ROW)
+    assert set(candidates) == {"constant", "linear", "additive", "deep"} and chosen in candidates
+    best = min(row["val_nll"] for row in candidates.values())
+    assert candidates[chosen]["val_nll"] <= best + 1e-4
+    assert meta["holdout_nll"].value == pytest.approx(published["nll"], abs=1e-4)
     assert meta["holdout_nll"].value < candidates["constant"]["nll"]
-    assert meta["holdout_nll"].value < candidates["linear"]["nll"]
-    assert meta["nll_gain_over_linear"].value > 0
     for k in ("mae", "median_ae", "spearman", "coverage_50", "coverage_80", "coverage_95"):
-        assert k in candidates["deep"] and k in candidates["linear"], k
+        assert k in candidates[chosen] and k in candidates["linear"], k
     assert list(meta)[0] == "model_comparison"
-    assert "**deep** ✓" in meta["model_comparison"].value
+    assert f"**{chosen}** ✓" in meta["model_comparison"].value
     assert meta["stage_curves"].value.count("data:image/png") == 1
     assert not [k for k in meta if k.startswith("holdout_") and k not in
                 ("holdout_nll", "holdout_posts")]
@@ -103,7 +107,7 @@ def test_materialisations_carry_metadata_and_checks_pass(pipeline):
     evaluations = result.get_asset_check_evaluations()
     names = {e.check_name for e in evaluations}
     assert names == {"rejected_share_within_limit", "post_count_not_collapsed",
-                     "every_post_scored", "beats_baselines"}
+                     "every_post_scored", "fit_is_publishable"}
     assert all(e.passed for e in evaluations)
 
 
@@ -113,7 +117,11 @@ def test_params_file_is_keyed_and_loadable(pipeline):
     assert len(files) == 1
     assert files[0].name.startswith(DUMP_DATE)
     fitted = load_params(files[0])
-    assert fitted.meta["dump_date"] == DUMP_DATE and fitted.config.epochs == 4
+    assert fitted.meta["dump_date"] == DUMP_DATE and fitted.config.batch_size == 256
+    # The chosen candidate's config, and one model per cross-fitting fold.
+    architecture = {"deep": "e6score"}.get(fitted.meta["chosen_candidate"])
+    assert fitted.config.architecture == (architecture or fitted.meta["chosen_candidate"])
+    assert len(fitted.fold_params) == fitted.config.folds == 3
 
 
 def test_dump_was_downloaded_and_verified(pipeline, generated_dump):

@@ -240,21 +240,18 @@ def test_diverging_training_fails_and_keeps_the_previous_params(tmp_path, genera
     assert not list(home.rglob(".*.part"))
 
 
-def test_a_fit_that_loses_to_a_baseline_is_not_used(tmp_path, generated_dump):
-    home = tmp_path / "home"
-    assert _run(home, generated_dump).success
-    before = _state(home)
+def _refit(home: Path, source: Path, training: dict) -> dg.ExecuteInProcessResult:
     fitted, scored = PIPELINE[4], PIPELINE[5]
-    # Learning rate 0: every stage stays at its start, a constant mean with a calibrated
-    # scale: exactly what the (equally untrained) linear baseline predicts.
-    result = dg.materialize(
-        PIPELINE, resources=make_resources(home, str(generated_dump)),
-        selection=[fitted.key, scored.key],
-        run_config=run_config({**FAST_TRAINING, "learning_rate": 0.0}), raise_on_error=False,
+    return dg.materialize(
+        PIPELINE, resources=make_resources(home, str(source)),
+        selection=[fitted.key, scored.key], run_config=run_config({**FAST_TRAINING, **training}),
+        raise_on_error=False,
     )
-    gate = {e.check_name: e for e in result.get_asset_check_evaluations()}["beats_baselines"]
+
+
+def _blocked(home: Path, before: dict, result) -> dg.AssetCheckEvaluation:
+    gate = {e.check_name: e for e in result.get_asset_check_evaluations()}["fit_is_publishable"]
     assert gate.passed is False
-    assert gate.metadata["loses_to"].value == "linear"
     assert not result.asset_materializations_for_node("scored_posts")  # blocked
     after = _state(home)
     assert after["lineage"]["fitted_params"] == before["lineage"]["fitted_params"]
@@ -267,9 +264,36 @@ def test_a_fit_that_loses_to_a_baseline_is_not_used(tmp_path, generated_dump):
         outcome, reason, info = conn.execute(
             "SELECT outcome, reason, info FROM e6score_builds WHERE asset = 'fitted_params' "
             "ORDER BY id DESC LIMIT 1").fetchone()
-    assert outcome == "rejected" and "beats_baselines" in reason
+    assert outcome == "rejected" and "fit_is_publishable" in reason
     assert json.loads(info)["metrics"]["nll"] > 0
     assert len(list((home / "params").glob("*.msgpack"))) == 1  # a rejected fit is not kept
+    return gate
+
+
+def test_a_fit_no_better_than_a_constant_is_not_used(tmp_path, generated_dump):
+    home = tmp_path / "home"
+    assert _run(home, generated_dump).success
+    before = _state(home)
+    # Learning rate 0: every candidate stays at its start, a constant mean with a calibrated
+    # scale. Selection picks the simplest of equals, the constant, which must not publish.
+    gate = _blocked(home, before, _refit(home, generated_dump, {"learning_rate": 0.0}))
+    assert gate.metadata["chosen_candidate"].value == "constant"
+    assert "not better than a constant" in gate.metadata["reason"].value
+
+
+def test_a_fit_worse_than_the_params_in_use_is_not_used(tmp_path, generated_dump):
+    home = tmp_path / "home"
+    assert _run(home, generated_dump).success
+    before = _state(home)
+    # Two hashed rows for every tag: the fit still learns age and rating (better than a
+    # constant) but loses the tags, so it is clearly worse than the params in use on the
+    # same hold-out.
+    result = _refit(home, generated_dump, {"hash_bits": 1, "candidates": ["constant", "linear"]})
+    gate = _blocked(home, before, result)
+    meta = {k: v.value for k, v in gate.metadata.items()}
+    assert meta["holdout_nll"] < meta["constant_holdout_nll"] - meta["min_gain_over_constant"]
+    assert meta["holdout_nll"] > meta["current_params_holdout_nll"] + meta["current_tolerance"]
+    assert "worse than the params in use" in meta["reason"]
 
 
 def _export_scores(home: Path, date: str) -> pd.Series:

@@ -10,11 +10,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from e6score_dagster.assets.clean import cleaned_posts
-from e6score_dagster.assets.features import FILE_EXTS, NUMERIC_FEATURES, holdout_sql
+from e6score_dagster.assets.features import (
+    AGE_KNOTS_DAYS,
+    FILE_EXTS,
+    NUMERIC_FEATURES,
+    FeatureConfig,
+    feature_sql,
+    holdout_sql,
+)
 from e6score_dagster.assets.ingest import raw_dump
 from e6score_dagster.assets.vocabulary import tag_vocabulary
 from e6score_dagster.definitions import PIPELINE
-from e6score_dagster_tests.conftest import materialize, post_row, write_dump
+from e6score_dagster.model.network import CATEGORY_CODES, UPLOADER_CATEGORY
+from e6score_dagster_tests.conftest import DUMP_DATE, materialize, post_row, write_dump
 
 DATE = "2024-06-30"
 TAGS = [["1", "fox", "5", "2"], ["2", "wolf", "5", "2"], ["3", "someartist", "1", "2"],
@@ -62,7 +70,10 @@ def test_feature_matrix_rows_tags_and_flags(built):
     _, m = built
     assert sorted(m.index) == [1, 2, 3, 4, 5, 6]
     assert {len(t) for t in m["tags"]} == {64}
-    assert list(m.loc[4, "tags"]) == [0] * 64  # no tags: all padding
+    # Every post shares uploader 10 (rank 1): the uploader code comes first, then the tags.
+    uploader = 1 * CATEGORY_CODES + UPLOADER_CATEGORY
+    assert {t[0] for t in m["tags"]} == {uploader}
+    assert list(m.loc[4, "tags"]) == [uploader] + [0] * 63  # no tags: the rest is padding
     assert (m.loc[5, "tags"] > 0).all()  # 120 tags truncated to 64
     assert m.loc[3, "trainable"] == False  # noqa: E712  deleted posts are scored, not trained on
     assert m.loc[2, "rating_idx"] == 1 and m.loc[3, "rating_idx"] == 2
@@ -92,3 +103,46 @@ def test_monthly_uploads_measure_site_activity(built):
     # Posts 3, 4 and 5 share the default upload month (2019-03); post 1 is alone in its month.
     assert m.loc[3, "log_monthly_uploads"] == pytest.approx(math.log(1 + 3), abs=1e-5)
     assert m.loc[1, "log_monthly_uploads"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_age_basis_ramps_down_to_the_knots(built):
+    _, m = built
+    # Post 1 was uploaded a day before the dump: log age ln(1.01); post 2 ten years before.
+    assert m.loc[1, "log_age"] == pytest.approx(math.log(1.01), abs=1e-4)
+    assert m.loc[1, "age_under_72h"] == pytest.approx(math.log(3.01 / 1.01), abs=1e-4)
+    assert m.loc[1, "age_under_6h"] == 0.0 and m.loc[1, "age_under_24h"] == 0.0
+    assert all(m.loc[2, f"age_under_{round(d * 24)}h"] == 0.0 for d in AGE_KNOTS_DAYS)
+    # From the future: age 0, the floor of the log.
+    assert m.loc[6, "age_under_24h"] == pytest.approx(math.log(1.01 / 0.01), abs=1e-4)
+
+
+def test_no_outcome_column_reaches_the_inputs(generated_dump, tmp_path):
+    """Permuting every outcome column of cleaned_posts leaves every input column of the
+    feature matrix unchanged (only fav_count and its log, the target, move)."""
+    home = tmp_path / "home"
+    assert materialize(home, generated_dump, select=PIPELINE[:4]).success
+    outcomes = ["fav_count", "score", "up_score", "down_score", "comment_count"]
+    config = FeatureConfig()
+    with duckdb.connect(str(home / "e6score.duckdb")) as conn:
+        def matrix():
+            return conn.execute(feature_sql(DUMP_DATE, config)).df().set_index("id").sort_index()
+
+        before = matrix()
+        conn.execute(
+            "CREATE TEMP TABLE shuffled AS SELECT c.id, "
+            + ", ".join(f"o.{c} AS {c}" for c in outcomes)
+            + " FROM (SELECT id, row_number() OVER (ORDER BY id) AS r FROM cleaned_posts) c "
+            "JOIN (SELECT *, row_number() OVER (ORDER BY hash(id * 7919)) AS r "
+            "FROM cleaned_posts) o USING (r)"
+        )
+        conn.execute(
+            "UPDATE cleaned_posts SET "
+            + ", ".join(f"{c} = s.{c}" for c in outcomes)
+            + " FROM shuffled s WHERE cleaned_posts.id = s.id"
+        )
+        after = matrix()
+    assert (before["fav_count"] != after["fav_count"]).mean() > 0.5  # really permuted
+    inputs = [c for c in before.columns if c not in ("fav_count", "y")]
+    assert "tags" in inputs and "log_uploader_posts" in inputs and len(inputs) > 20
+    for col in inputs:
+        assert before[col].astype(str).equals(after[col].astype(str)), col

@@ -1,6 +1,7 @@
 """Model inputs as one pre-shuffled Parquet file, built entirely in DuckDB."""
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from e6score_dagster import stage
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.code_versions import code_version
 from e6score_dagster.model.data import FeatureLayout
-from e6score_dagster.model.network import CATEGORY_CODES
+from e6score_dagster.model.network import CATEGORY_CODES, UPLOADER_CATEGORY
 from e6score_dagster.resources import StateDir
 from e6score_dagster.schema import SITE_LAUNCH, column_description
 from e6score_dagster.store import query_progress
@@ -19,14 +20,37 @@ from e6score_dagster.store import query_progress
 FILE_EXTS = ("jpg", "png", "gif", "webp", "webm", "mp4", "swf")  # index 0 is "other"
 RATING_INDEX = "CASE c.rating WHEN 's' THEN 0 WHEN 'q' THEN 1 ELSE 2 END"
 
-# Numeric metadata, each a SQL expression over cleaned_posts `c` and tag counts `a`.
-# Outcome columns (score, up/down_score, comment_count) are deliberately absent: they are
-# engagement, not metadata, and would explain away the signal fav_score is meant to expose.
+AGE_DAYS_SQL = (
+    "least(greatest(epoch(TIMESTAMP '{dump_date}' - c.created_at) / 86400, 0), 20000)"
+)
+# Log age in days with a floor of a quarter hour: the log resolves hours for fresh posts.
+LOG_AGE_SQL = f"ln({AGE_DAYS_SQL} + 0.01)"
+# Knots of a piecewise-linear function of log age: recency matters most in the first hours,
+# days and weeks (a post keeps collecting favourites), so the knots are dense there.
+AGE_KNOTS_DAYS = (0.25, 1, 3, 7, 14, 30, 90, 365, 1460)
+
+
+def age_basis_sql() -> dict[str, str]:
+    """One ramp per knot, max(0, log(knot) - log age): with the linear term in log age, any
+    continuous function of log age that is linear between knots is a weighted sum of them.
+    Younger than the first knot the shape continues the learned slope, so the few posts under
+    a day old borrow strength from those a few days old."""
+    return {
+        f"age_under_{round(d * 24)}h": f"greatest(0, {math.log(d + 0.01)!r} - {LOG_AGE_SQL})"
+        for d in AGE_KNOTS_DAYS
+    }
+
+
+# Numeric metadata, each a SQL expression over cleaned_posts `c`, tag counts `a` and uploader
+# counts `u`. Outcome columns (fav_count, score, up/down_score, comment_count) are deliberately
+# absent: they are engagement, not metadata, and would explain away the signal fav_score is
+# meant to expose (a test permutes them and checks no input column changes).
 NUMERIC_FEATURES: dict[str, str] = {
     "t_upload_years": "least(greatest(epoch(c.created_at - TIMESTAMP '{launch}') "
     "/ (365.25 * 86400), 0), 40)",
-    "log_age_days": "ln(1 + least(greatest(epoch(TIMESTAMP '{dump_date}' - c.created_at) "
-    "/ 86400, 0), 20000))",
+    "log_age_days": f"ln(1 + {AGE_DAYS_SQL})",
+    "log_age": LOG_AGE_SQL,
+    **age_basis_sql(),
     "log_tag_count": "ln(1 + len(c.tags))",
     "log_artist_tags": "ln(1 + coalesce(a.n_artist, 0))",
     "log_character_tags": "ln(1 + coalesce(a.n_character, 0))",
@@ -43,7 +67,12 @@ NUMERIC_FEATURES: dict[str, str] = {
     "log_description_len": "ln(1 + length(coalesce(c.description, '')))",
     # Site activity in the upload month: a measured proxy of the audience a post met.
     "log_monthly_uploads": "ln(1 + coalesce(m.uploads, 0))",
+    # How active the uploader is (target-free); their own effect enters as a pseudo-tag.
+    "log_uploader_posts": "ln(1 + coalesce(u.n_posts, 0))",
 }
+# Normalised numeric inputs are divided by at least this: a rare indicator (e.g. the basis
+# function of posts under a day old) must not become a huge input.
+MIN_NUMERIC_STD = 0.25
 
 
 class FeatureConfig(dg.Config):
@@ -51,6 +80,11 @@ class FeatureConfig(dg.Config):
     """Tags kept per post (non-general categories first, then the most frequent)."""
     holdout_fraction: float = 0.1
     """Share of posts, chosen by a hash of the id (stable across dumps), never trained on."""
+    dense_min_count: int = 10
+    """Tags on at least this many posts get their own additive effect; rarer ones share
+    hashed rows. The number of dense effects thus grows with the vocabulary."""
+    uploader_min_posts: int = 2
+    """Uploaders with at least this many posts get a (shrunk) effect of their own."""
     row_group_size: int = 65536
 
 
@@ -59,6 +93,10 @@ class FeatureConfig(dg.Config):
 TAG_CODE_SQL = (
     f"tag_index * {CATEGORY_CODES} + least(greatest(category + 1, 0), {CATEGORY_CODES - 1})"
 )
+
+
+# The uploader as the first "tag": their rank by post count, with the uploader category code.
+UPLOADER_CODE_SQL = f"CAST(u.rank * {CATEGORY_CODES} + {UPLOADER_CATEGORY} AS INTEGER)"
 
 
 def holdout_sql(fraction: float, id_col: str = "c.id") -> str:
@@ -94,9 +132,18 @@ def feature_sql(dump_date: str, config: FeatureConfig) -> str:
     m AS (
         SELECT date_trunc('month', created_at) AS month, count(*) AS uploads
         FROM cleaned_posts GROUP BY 1
+    ),
+    u AS (
+        SELECT uploader_id, count(*) AS n_posts,
+               row_number() OVER (ORDER BY count(*) DESC, uploader_id) AS rank
+        FROM cleaned_posts WHERE uploader_id IS NOT NULL GROUP BY 1
     )
     SELECT c.id, c.fav_count, CAST(ln(1 + c.fav_count) AS FLOAT) AS y,
-           CAST(list_resize(coalesce(a.tag_list, []), {config.max_tags}, 0) AS INTEGER[]) AS tags,
+           CAST(list_resize(
+               CASE WHEN u.n_posts >= {config.uploader_min_posts}
+                    THEN list_prepend({UPLOADER_CODE_SQL}, coalesce(a.tag_list, []))
+                    ELSE coalesce(a.tag_list, []) END,
+               {config.max_tags}, 0) AS INTEGER[]) AS tags,
            CAST({RATING_INDEX} AS TINYINT) AS rating_idx,
            CAST({_ext_sql()} AS TINYINT) AS ext_idx,
            {numeric},
@@ -104,12 +151,14 @@ def feature_sql(dump_date: str, config: FeatureConfig) -> str:
            NOT coalesce(c.is_deleted, false) AS trainable
     FROM cleaned_posts c LEFT JOIN a USING (id)
     LEFT JOIN m ON m.month = date_trunc('month', c.created_at)
+    LEFT JOIN u ON u.uploader_id = c.uploader_id
     ORDER BY hash(c.id), c.id
     """
 
 
-def _layout(conn, matrix: Path, config: FeatureConfig) -> FeatureLayout:
-    """Normalisation statistics from the training rows only."""
+def _layout(conn, matrix: Path, config: FeatureConfig, vocabulary_key: str) -> FeatureLayout:
+    """Normalisation statistics from the training rows only; how many tags have dense
+    effects (vocabulary indices below `dense_tags`; 0 is padding)."""
     names = list(NUMERIC_FEATURES)
     aggs = ", ".join(f"avg({n}), stddev_pop({n})" for n in names)
     row = conn.execute(
@@ -119,7 +168,11 @@ def _layout(conn, matrix: Path, config: FeatureConfig) -> FeatureLayout:
     if not row[2]:
         raise dg.Failure("no trainable posts outside the hold-out set")
     means = [float(row[3 + 2 * i] or 0.0) for i in range(len(names))]
-    stds = [float(row[4 + 2 * i] or 0.0) or 1.0 for i in range(len(names))]
+    stds = [max(float(row[4 + 2 * i] or 0.0), MIN_NUMERIC_STD) for i in range(len(names))]
+    n_dense = conn.execute(
+        "SELECT count(*) FROM tag_vocabulary WHERE in_vocab AND freq >= ?",
+        [config.dense_min_count],
+    ).fetchone()[0]
     return FeatureLayout(
         numeric=tuple(names),
         max_tags=config.max_tags,
@@ -129,11 +182,18 @@ def _layout(conn, matrix: Path, config: FeatureConfig) -> FeatureLayout:
         y_std=float(row[1] or 1.0) or 1.0,
         numeric_mean=tuple(means),
         numeric_std=tuple(stds),
-        extra={"holdout_fraction": config.holdout_fraction, "tag_code": TAG_CODE_SQL},
+        extra={
+            "holdout_fraction": config.holdout_fraction,
+            "tag_code": TAG_CODE_SQL,
+            "vocabulary": vocabulary_key,
+            "dense_tags": int(n_dense) + 1 if n_dense else 0,
+        },
     )
 
 
-def stage_features(conn, folder: Path, dump_date: str, config: FeatureConfig, log) -> dict:
+def stage_features(
+    conn, folder: Path, dump_date: str, config: FeatureConfig, vocabulary: str, log
+) -> dict:
     """Write matrix.parquet and layout.json of the published posts and vocabulary to `folder`."""
     folder.mkdir(parents=True)
     matrix = folder / "matrix.parquet"
@@ -142,7 +202,7 @@ def stage_features(conn, folder: Path, dump_date: str, config: FeatureConfig, lo
             f"COPY ({feature_sql(dump_date, config)}) TO '{matrix}' "
             f"(FORMAT parquet, ROW_GROUP_SIZE {config.row_group_size}, COMPRESSION zstd)"
         )
-    layout = _layout(conn, matrix, config)
+    layout = _layout(conn, matrix, config, vocabulary)
     (folder / "layout.json").write_text(json.dumps(layout.to_dict(), indent=1))
     counts = conn.execute(
         f"SELECT count(*), count(*) FILTER (WHERE holdout), "
@@ -165,9 +225,11 @@ def stage_features(conn, folder: Path, dump_date: str, config: FeatureConfig, lo
     code_version=code_version(__name__),
     pool="duckdb",
     automation_condition=ON_NEW_DATA_VERSION,
-    description="One row per cleaned post: id, log1p(fav_count), a fixed-width tag-index list, "
-    "rating, file type, numeric metadata (upload time, age at the dump, sizes, tag counts by "
-    "category) and the hash-based hold-out flag. Parquet, pre-shuffled, in row groups.",
+    description="One row per cleaned post: id, log1p(fav_count), a fixed-width tag-code list "
+    "(the uploader first, then the tags), rating, file type, numeric metadata (upload time, "
+    "age at the dump with a flexible basis, sizes, tag counts by category, uploader activity) "
+    "and the hash-based hold-out flag. No outcome column is an input. Parquet, pre-shuffled, "
+    "in row groups.",
 )
 def feature_matrix(
     context: dg.AssetExecutionContext,
@@ -185,7 +247,10 @@ def feature_matrix(
         if st.reuse:
             return st.reused_result(path=dg.MetadataValue.path(str(final_dir / "matrix.parquet")))
         with duckdb.get_connection() as conn:
-            out = stage_features(conn, st.path(final_dir), st.dump_date, config, context.log.info)
+            out = stage_features(
+                conn, st.path(final_dir), st.dump_date, config,
+                st.inputs["tag_vocabulary"].version, context.log.info,
+            )
         return st.finish(
             info={"dir": str(final_dir), "rows": out["rows"]},
             metadata={

@@ -1,7 +1,6 @@
-"""Fitting the E6Score model on the feature matrix; params keyed by what they were built from."""
+"""Fitting the E6Score model: the model package selects and cross-fits, this asset reports."""
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -12,26 +11,25 @@ from scipy.stats import norm
 from e6score_dagster import stage
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.code_versions import code_version
-from e6score_dagster.model import (
-    FeatureLayout,
-    ModelConfig,
-    ParquetBatches,
-    predict,
-    save_params,
-)
-from e6score_dagster.model.metrics import predictive_metrics
+from e6score_dagster.model import FeatureLayout, ModelConfig, load_params, save_params
 from e6score_dagster.model.params import Fitted
-from e6score_dagster.model.train import baseline_config, fit_with_baseline, metrics_with_constant
-from e6score_dagster.plots import calibration_md, line_plot_md, scatter_md
+from e6score_dagster.model.select import (
+    CURRENT_TOLERANCE,
+    MIN_GAIN_OVER_CONSTANT,
+    GateDecision,
+    Selection,
+    current_holdout_nll,
+    gate,
+    out_of_fold_predictions,
+    select_and_crossfit,
+)
+from e6score_dagster.plots import calibration_md, scatter_md, stage_curves_md
+from e6score_dagster.report import comparison_table_md, gain_over, summary_lines
 from e6score_dagster.resources import StateDir
 
 _DEFAULTS = ModelConfig()
-
-
-BASELINES = ("constant", "linear")
-# "Better" means by more than rounding and the scale calibration's own noise: a model that
-# predicts what a baseline predicts must not pass by a hair.
-MIN_NLL_GAIN = 1e-3
+CHECK = "fit_is_publishable"
+PUBLISHED_ROW = "published (out of fold)"
 
 
 class TrainingConfig(dg.Config):
@@ -55,76 +53,16 @@ class TrainingConfig(dg.Config):
     baseline_min_steps: int = _DEFAULTS.baseline_min_steps
     warm_start: bool = _DEFAULTS.warm_start
     validation_fraction: float = _DEFAULTS.validation_fraction
+    min_validation_posts: int = _DEFAULTS.min_validation_posts
     evals_per_epoch: int = _DEFAULTS.evals_per_epoch
     patience: int = _DEFAULTS.patience
+    candidates: list[str] = list(_DEFAULTS.candidates)
+    """Fitted and compared on validation NLL; the best is published."""
+    folds: int = _DEFAULTS.folds
+    """Cross-fitting folds: each post is scored by a model fitted without its fold."""
 
     def to_model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model_dump())
-
-
-@dataclass
-class Fit:
-    """What one fit produced: the params to save, their held-out metrics, what to report."""
-
-    fitted: Fitted
-    metrics: dict
-    metadata: dict
-
-
-def fit_model(mcfg: ModelConfig, features: Path, meta: dict, log) -> Fit:
-    """Fit on the feature matrix in `features`; held-out metrics for the model and baselines."""
-    layout = FeatureLayout.read(features / "layout.json")
-    matrix = features / "matrix.parquet"
-    split = {"validation_fraction": mcfg.validation_fraction}
-    data = ParquetBatches(
-        matrix, layout, mcfg.batch_size, rows="train", shuffle_seed=mcfg.seed, **split
-    )
-    validation = ParquetBatches(matrix, layout, 8192, rows="validation", **split)
-    held_out = ParquetBatches(matrix, layout, 8192, rows="holdout")
-    # The linear baseline: same split and optimiser, additive in the tags and metadata.
-    fits = fit_with_baseline(mcfg, layout, data, validation, log=log)
-    result = fits.model
-    y, mu, sigma = predict(mcfg, layout, result.params, held_out)
-    metrics = metrics_with_constant(y, mu, sigma, layout)
-    stages = {"linear": (baseline_config(mcfg), fits.linear)}
-    if fits.additive is not None:  # reported, to show what each stage adds
-        stages["additive"] = (baseline_config(mcfg, "additive"), fits.additive)
-    for name, (cfg, fit) in stages.items():
-        sy, smu, ssigma = predict(cfg, layout, fit.params, held_out)
-        if sy.size:
-            stage_metrics = predictive_metrics(sy, smu, ssigma)
-            metrics |= {f"{name}_{k}": v for k, v in stage_metrics.items() if k != "n"}
-    log(f"held-out metrics: {metrics}")
-    curve = [(h["step"], h["loss"]) for h in result.history]
-    metadata = {
-        "config": dg.MetadataValue.json(mcfg.to_dict()),
-        "training_posts": dg.MetadataValue.int(data.num_rows()),
-        **_metric_metadata(metrics),
-        "validation_posts": dg.MetadataValue.int(validation.num_rows()),
-        "steps": dg.MetadataValue.int(result.steps),
-        "best_step": dg.MetadataValue.int(result.best_step),
-        "sigma_calibration": round(result.sigma_calibration, 4),
-        "train_seconds": round(result.seconds, 2),
-        "validation_seconds": round(result.eval_seconds, 2),
-        "stage_seconds": dg.MetadataValue.json(
-            {
-                "linear": round(fits.linear.seconds, 2),
-                **({"additive": round(fits.additive.seconds, 2)} if fits.additive else {}),
-                "deep": round(result.seconds, 2),
-            }
-        ),
-        "posts_per_second": round(result.posts_per_second, 1),
-        "data_wait_share": round(result.data_wait_seconds / max(result.seconds, 1e-9), 4),
-        "loss_curve": dg.MetadataValue.md(line_plot_md(curve, "step", "training NLL")),
-        "validation_curve": dg.MetadataValue.md(
-            line_plot_md(
-                [(v["step"], v["nll"]) for v in result.validation], "step", "validation NLL"
-            )
-        ),
-        **_plots(y, mu, sigma),
-    }
-    fitted = Fitted(result.params, mcfg, layout, {**meta, "metrics": metrics})
-    return Fit(fitted, metrics, metadata)
 
 
 @dg.asset(
@@ -136,19 +74,22 @@ def fit_model(mcfg: ModelConfig, features: Path, meta: dict, log) -> Fit:
     automation_condition=ON_NEW_DATA_VERSION,
     check_specs=[
         dg.AssetCheckSpec(
-            "beats_baselines",
+            CHECK,
             asset="fitted_params",
             blocking=True,
-            description="Held-out NLL beats (by at least 0.001) a constant log-normal and a "
-            "linear model on tag indicators plus metadata, fitted on the same split. A fit that "
-            "does not is not published: the previous params stay in use (its metrics stay in "
-            "the lineage history).",
+            description="The published model (the candidate with the best validation NLL) "
+            f"beats a constant log-normal on hold-out NLL by at least {MIN_GAIN_OVER_CONSTANT} "
+            "(less means broken data or training), and is not worse than the params in use, "
+            f"on the same hold-out, by more than {CURRENT_TOLERANCE}. A fit that fails is not "
+            "published: the previous params stay in use (its metrics stay in the lineage "
+            "history).",
         )
     ],
-    description="The fitted E6Score model (Flax params, msgpack), trained on every non-deleted "
-    "post outside the hold-out set. One file per version (feature matrix, code version, "
-    "config) under `$E6SCORE_HOME/params/`: the same inputs never train twice; the files of "
-    "the last `E6SCORE_KEEP_DUMPS` published versions stay loadable.",
+    description="The fitted E6Score model (Flax params, msgpack): the candidate (constant, "
+    "linear, additive, deep) with the best validation NLL, refitted without each "
+    "cross-fitting fold so every post is scored out of fold. One file per version (feature "
+    "matrix, code version, config) under `$E6SCORE_HOME/params/`: the same inputs never train "
+    "twice; the files of the last `E6SCORE_KEEP_DUMPS` published versions stay loadable.",
 )
 def fitted_params(
     context: dg.AssetExecutionContext,
@@ -163,30 +104,120 @@ def fitted_params(
         folder=state.params,
     ) as st:
         if st.reuse:
-            path = Path(st.reuse.info["path"])
+            info = st.reuse.info
             return st.reused_result(
-                params_path=dg.MetadataValue.path(str(path)),
-                **_metric_metadata(st.reuse.info.get("metrics", {})),
+                params_path=dg.MetadataValue.path(info["path"]),
+                **_comparison_metadata(info.get("table", {}), info.get("chosen_candidate", "")),
             )
+        features = Path(st.inputs["feature_matrix"].info["dir"])
+        layout = FeatureLayout.read(features / "layout.json")
+        matrix = features / "matrix.parquet"
+        selection = select_and_crossfit(mcfg, layout, matrix, log=context.log.info)
+        decision = gate(selection, _current_nll(st.published, layout, matrix))
+        table = _table(selection)
+        for line in summary_lines(
+            table, selection.chosen, *_stage_marks(selection), int(selection.holdout.get("n", 0))
+        ):
+            context.log.info(line)
         path = state.params / f"{st.dump_date}-{st.version}.msgpack"
         meta = {
             "dump_date": st.dump_date,
             "inputs": st.input_versions,
             "code_version": st.code_version,
+            "chosen_candidate": selection.chosen,
+            "metrics": selection.holdout,
+            "table": table,
         }
-        fit = fit_model(
-            mcfg, Path(st.inputs["feature_matrix"].info["dir"]), meta, context.log.info
+        fitted = Fitted(selection.params, selection.config, layout, meta, selection.fold_params)
+        save_params(st.path(path), fitted)
+        y, mu, sigma = out_of_fold_predictions(
+            selection.config, layout, selection.fold_params, matrix
         )
-        save_params(st.path(path), fit.fitted)
         return st.finish(
-            info={"path": str(path), **fit.fitted.meta},
-            checks=[_gate(fit.metrics)],
+            info={"path": str(path), **meta},
+            checks=[_check(decision)],
             metadata={
+                **_comparison_metadata(table, selection.chosen),
+                "stage_curves": dg.MetadataValue.md(
+                    stage_curves_md(_curves(selection), *_stage_marks(selection))
+                ),
+                **_selection_metadata(selection),
                 "params_path": dg.MetadataValue.path(str(path)),
-                **fit.metadata,
+                "config": dg.MetadataValue.json(mcfg.to_dict()),
+                **_plots(y, mu, sigma),
                 "seconds": round(time.perf_counter() - t0, 2),
             },
         )
+
+
+def _current_nll(published, layout: FeatureLayout, matrix: Path) -> float | None:
+    """Hold-out NLL of the params in use on the new hold-out (None on a first run)."""
+    if published is None or not Path(published.info.get("path", "")).exists():
+        return None
+    return current_holdout_nll(load_params(Path(published.info["path"])), layout, matrix)
+
+
+def _check(decision: GateDecision) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=CHECK,
+        passed=decision.passed,
+        metadata={**decision.metadata, "reason": decision.reason},
+    )
+
+
+def _table(selection: Selection) -> dict[str, dict[str, float]]:
+    """Per candidate its hold-out metrics and best validation NLL, then the published
+    (out-of-fold) predictions of the chosen one: what the comparison table shows."""
+    rows = {
+        name: {**{k: v for k, v in c.holdout.items() if k != "n"}, "val_nll": c.validation["nll"]}
+        for name, c in selection.candidates.items()
+    }
+    rows[PUBLISHED_ROW] = {
+        k: v for k, v in selection.holdout.items() if k != "n" and not k.startswith("constant_")
+    }
+    return rows
+
+
+def _curves(selection: Selection) -> dict[str, list[tuple[int, float]]]:
+    return {name: c["points"] for name, c in selection.curves().items()}
+
+
+def _stage_marks(selection: Selection) -> tuple[dict[str, int], dict[str, bool]]:
+    """Each fitted stage's stopping step, and whether its result is in the published model
+    (the chosen candidate and the additive stage it was built on)."""
+    curves = selection.curves()
+    chosen = selection.candidates[selection.chosen]
+    in_use = {selection.chosen, chosen.base}
+    best_steps = {name: c["best_step"] for name, c in curves.items()}
+    return best_steps, {name: name in in_use for name in curves}
+
+
+def _comparison_metadata(table: dict[str, dict[str, float]], chosen: str) -> dict:
+    """The comparison table first, then the few numbers the UI plots across materialisations."""
+    published = table.get(PUBLISHED_ROW, {})
+    if not published:
+        return {}
+    return {
+        "model_comparison": dg.MetadataValue.md(comparison_table_md(table, chosen)),
+        "chosen_candidate": chosen,
+        "holdout_nll": round(float(published["nll"]), 4),
+        "nll_gain_over_linear": round(gain_over(table, PUBLISHED_ROW, "linear"), 4),
+        "candidate_metrics": dg.MetadataValue.json(table),
+    }
+
+
+def _selection_metadata(selection: Selection) -> dict:
+    """How the fits went: folds, sizes, time, throughput and the device they ran on."""
+    return {
+        "holdout_posts": dg.MetadataValue.int(int(selection.holdout.get("n", 0))),
+        "folds": dg.MetadataValue.int(selection.num_folds),
+        "fold_seconds": dg.MetadataValue.json([round(s, 2) for s in selection.fold_seconds]),
+        "training_posts": dg.MetadataValue.int(selection.training_posts),
+        "validation_posts": dg.MetadataValue.int(selection.validation_posts),
+        "train_seconds": round(selection.seconds, 2),
+        "posts_per_second": round(selection.posts_per_second(), 1),
+        "device": selection.device,
+    }
 
 
 def _plots(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> dict:
@@ -196,30 +227,4 @@ def _plots(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> dict:
     return {
         "calibration": dg.MetadataValue.md(calibration_md(pit)),
         "predicted_vs_observed": dg.MetadataValue.md(scatter_md(np.expm1(y), np.expm1(mu))),
-    }
-
-
-def _gate(metrics: dict) -> dg.AssetCheckResult:
-    """Blocking: a fit that does not beat every baseline on held-out NLL is not used."""
-    nll = metrics.get("nll", float("inf"))
-    losers = [
-        b for b in BASELINES if not nll < metrics.get(f"{b}_nll", float("-inf")) - MIN_NLL_GAIN
-    ]
-    return dg.AssetCheckResult(
-        check_name="beats_baselines",
-        passed=bool(metrics.get("n")) and not losers,
-        metadata={
-            "holdout_nll": float(nll),
-            **{f"{b}_nll": float(metrics.get(f"{b}_nll", float("nan"))) for b in BASELINES},
-            "loses_to": ", ".join(losers) or "none",
-            "min_nll_gain": MIN_NLL_GAIN,
-        },
-    )
-
-
-def _metric_metadata(metrics: dict) -> dict:
-    """Every held-out number, as floats so the UI plots them across materialisations."""
-    return {
-        "holdout_posts": dg.MetadataValue.int(int(metrics.get("n", 0))),
-        **{f"holdout_{k}": float(v) for k, v in metrics.items() if k != "n"},
     }

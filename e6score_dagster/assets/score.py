@@ -167,7 +167,9 @@ def score_summary(conn, table: str) -> dict:
     automation_condition=ON_NEW_DATA_VERSION,
     check_specs=[checks.EVERY_POST_SCORED],
     description="`fav_score` for every cleaned post: the model's probability of a favourite "
-    "count at or below the observed one, given metadata only (0.5 = as expected). Also "
+    "count at or below the observed one, given metadata only (0.5 = as expected), from the "
+    "model fitted without the post's cross-fitting fold (no score comes from a model that saw "
+    "that post's favourites). Also "
     "`expected_fav_count` (predictive median) and `fav_zscore`. Table `scored_posts` plus "
     "`exports/score-DATE.csv.gz` (every posts column with fav_score appended).",
 )

@@ -27,6 +27,7 @@ class ModelConfig:
     # Early stopping: the validation slice is scored `evals_per_epoch` times per epoch and the
     # best params are kept; training stops after `patience` scorings without improvement.
     validation_fraction: float = 0.05
+    min_validation_posts: int = 0  # small dumps: a larger share (`select.validation_fraction`)
     evals_per_epoch: int = 4
     patience: int = 3
     architecture: str = "e6score"  # "linear": the baseline; "additive": the model's first stage
@@ -38,10 +39,16 @@ class ModelConfig:
     baseline_epochs: int = 1
     baseline_min_steps: int = 1200
     warm_start: bool = True
+    # Model selection and cross-fitting (`select.select_and_crossfit`): the candidates are
+    # fitted on every fold but fold 0 and the one with the best validation NLL is refitted
+    # without each other fold; every post is scored by the model that never saw it.
+    candidates: tuple[str, ...] = ("constant", "linear", "additive", "deep")
+    folds: int = 3
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["mlp_widths"] = list(self.mlp_widths)
+        d["candidates"] = list(self.candidates)
         return d
 
     @classmethod
@@ -50,6 +57,8 @@ class ModelConfig:
         kw = {k: v for k, v in d.items() if k in fields}
         if "mlp_widths" in kw:
             kw["mlp_widths"] = tuple(int(w) for w in kw["mlp_widths"])
+        if "candidates" in kw:
+            kw["candidates"] = tuple(str(c) for c in kw["candidates"])
         return cls(**kw)
 
     def fingerprint(self) -> str:

@@ -74,6 +74,17 @@ def validation_mask(ids: np.ndarray, fraction: float) -> np.ndarray:
     return (x >> np.uint64(40)).astype(np.float64) < fraction * float(1 << 24)
 
 
+def fold_of(ids: np.ndarray, num_folds: int) -> np.ndarray:
+    """Cross-fitting fold of each post, by a third hash of the id (a splitmix64 finaliser),
+    independent of the hold-out and validation hashes, so a post stays in its fold in every
+    dump."""
+    x = np.asarray(ids).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return ((x >> np.uint64(32)) % np.uint64(max(num_folds, 1))).astype(np.int64)
+
+
 def _table_to_batch(table: pa.Table, layout: FeatureLayout) -> Batch:
     n = table.num_rows
     tags = pc.list_flatten(table.column("tags")).to_numpy(zero_copy_only=False)
@@ -119,9 +130,13 @@ class ParquetBatches:
         shuffle_seed: int | None = None,
         prefetch: int = 4,
         validation_fraction: float = 0.0,
+        exclude_fold: tuple[int, int] | None = None,
+        only_fold: tuple[int, int] | None = None,
     ) -> None:
         """`rows`: "fit" is every trainable non-held-out post; "train" and "validation" split
-        it by `validation_fraction`; "holdout" is never trained on; "all" is every post."""
+        it by `validation_fraction`; "holdout" is never trained on; "all" is every post.
+        `exclude_fold=(k, K)` drops fold k of K (a cross-fitting model's own fold);
+        `only_fold=(k, K)` keeps only fold k."""
         self.path = Path(path)
         self.layout = layout
         self.batch_size = batch_size
@@ -129,6 +144,8 @@ class ParquetBatches:
         self.shuffle_seed = shuffle_seed
         self.prefetch = prefetch
         self.validation_fraction = validation_fraction
+        self.exclude_fold = exclude_fold
+        self.only_fold = only_fold
         self.wait_seconds = 0.0
         self._columns = [
             "id",
@@ -142,8 +159,19 @@ class ParquetBatches:
             *dict.fromkeys([*layout.numeric, TIME_COLUMN]),
         ]
         self._num_rows: int | None = None
+        self._loaded: Batch | None = None
 
     def _mask(self, table: pa.Table) -> np.ndarray | None:
+        rows = self._row_mask(table)
+        for folds, keep in ((self.exclude_fold, False), (self.only_fold, True)):
+            if folds is not None:
+                ids = table.column("id").to_numpy(zero_copy_only=False)
+                in_fold = fold_of(ids, folds[1]) == folds[0]
+                sel = in_fold if keep else ~in_fold
+                rows = sel if rows is None else rows & sel
+        return rows
+
+    def _row_mask(self, table: pa.Table) -> np.ndarray | None:
         if self.rows == "all":
             return None
         holdout = table.column("holdout").to_numpy(zero_copy_only=False)
@@ -161,7 +189,7 @@ class ParquetBatches:
     def num_rows(self) -> int:
         if self._num_rows is None:
             pf = pq.ParquetFile(self.path)
-            if self.rows == "all":
+            if self.rows == "all" and self.exclude_fold is None and self.only_fold is None:
                 self._num_rows = pf.metadata.num_rows
             else:
                 t = pf.read(columns=["id", "holdout", "trainable"])
@@ -212,12 +240,15 @@ class ParquetBatches:
 
     def load(self) -> Batch:
         """Every row of the row set, in file order, as one batch (no padding): for fits and
-        scorings that keep the rows resident instead of re-reading the file each pass."""
-        parts = list(self._row_groups(0, shuffle=False))
-        if not parts:
-            empty = pq.ParquetFile(self.path).schema_arrow.empty_table().select(self._columns)
-            return _table_to_batch(empty, self.layout)
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        scorings that keep the rows resident instead of re-reading the file each pass. Read
+        once per instance, so the candidates fitted on one row set share it."""
+        if self._loaded is None:
+            parts = list(self._row_groups(0, shuffle=False))
+            if not parts:
+                empty = pq.ParquetFile(self.path).schema_arrow.empty_table()
+                parts = [_table_to_batch(empty.select(self._columns), self.layout)]
+            self._loaded = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self._loaded
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """Batches of one epoch, produced on a background thread while the caller computes."""

@@ -29,6 +29,21 @@ def probe_buckets(tag_idx: jnp.ndarray, hash_bits: int, num_probes: int) -> jnp.
 
 
 CATEGORY_CODES = 16  # a tag code is vocabulary index * 16 + (e621 category + 1); 0 = padding
+# The uploader enters as one more "tag" with its own category code (index: the uploader's
+# rank by post count), so it gets an additive effect with its own shrinkage group.
+UPLOADER_CATEGORY = CATEGORY_CODES - 1
+
+
+def effect_rows(tags: jnp.ndarray, hash_bits: int, num_probes: int, n_dense: int) -> jnp.ndarray:
+    """Rows of the additive effect table for each tag code, [B, T, P]: the `n_dense` most
+    frequent tags own one row each (no collisions where the data can pin an effect down);
+    the long tail and the uploaders share 2**hash_bits hashed rows after them."""
+    hashed = probe_buckets(tags, hash_bits, num_probes) + n_dense
+    if n_dense <= 0:
+        return hashed
+    index = tags // CATEGORY_CODES
+    dense = (index < n_dense) & (index > 0) & (tags % CATEGORY_CODES != UPLOADER_CATEGORY)
+    return jnp.where(dense[..., None], index[..., None], hashed)
 
 
 def tag_traits(tags: jnp.ndarray) -> jnp.ndarray:
@@ -52,6 +67,7 @@ class Shrinkage(nn.Module):
 
 class TagEncoder(nn.Module):
     config: ModelConfig
+    n_dense: int = 0
 
     @nn.compact
     def __call__(self, tags: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -67,14 +83,15 @@ class TagEncoder(nn.Module):
         table = self.param(
             "embedding", nn.initializers.normal(0.05), (2**cfg.hash_bits, cfg.embed_dim)
         )
-        bias = self.param("bias", nn.initializers.zeros, (2**cfg.hash_bits,))
+        bias = self.param("bias", nn.initializers.zeros, (self.n_dense + 2**cfg.hash_bits,))
         probe_w = self.param("probe_weight", nn.initializers.ones, (cfg.num_probes,))
         emb = jnp.einsum("btpd,p->btd", table[rows], probe_w) * emb_mask
         count = jnp.maximum(emb_mask.sum(axis=1), 1.0)
         pooled = emb.sum(axis=1) / jnp.sqrt(count)
         # Additive per-tag effect: the wide (linear-in-tags) part of the model.
         shrink = Shrinkage(name="shrink")(tags)
-        linear = (bias[rows].mean(axis=-1) * shrink * mask[..., 0]).sum(axis=1)
+        effect = bias[effect_rows(tags, cfg.hash_bits, cfg.num_probes, self.n_dense)]
+        linear = (effect.mean(axis=-1) * shrink * mask[..., 0]).sum(axis=1)
         return pooled, linear
 
 
@@ -114,13 +131,14 @@ class E6ScoreNet(nn.Module):
     n_ext: int
     y_mean: float
     y_std: float
+    n_dense: int = 0
 
     @nn.compact
     def __call__(
         self, batch: dict[str, jnp.ndarray], train: bool = False
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
         cfg = self.config
-        pooled, linear = TagEncoder(cfg, name="tags")(batch["tags"], train)
+        pooled, linear = TagEncoder(cfg, self.n_dense, name="tags")(batch["tags"], train)
         # Wide part: the linear baseline's terms. The deep part sees their sum (the additive
         # prediction) as an input, so it can bend the link and set the scale by it, and only
         # has to learn what is not additive.
@@ -169,6 +187,7 @@ class LinearNet(nn.Module):
     n_ext: int
     y_mean: float
     y_std: float
+    n_dense: int = 0
     shrinkage: bool = False
 
     @nn.compact
@@ -176,9 +195,9 @@ class LinearNet(nn.Module):
         self, batch: dict[str, jnp.ndarray], train: bool = False
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
         cfg = self.config
-        rows = probe_buckets(batch["tags"], cfg.hash_bits, cfg.num_probes)
+        rows = effect_rows(batch["tags"], cfg.hash_bits, cfg.num_probes, self.n_dense)
         mask = (batch["tags"] > 0).astype(jnp.float32)
-        weight = self.param("tag_weight", nn.initializers.zeros, (2**cfg.hash_bits,))
+        weight = self.param("tag_weight", nn.initializers.zeros, (self.n_dense + 2**cfg.hash_bits,))
         tag_w = weight[rows].mean(axis=-1)
         if self.shrinkage:
             tag_w = tag_w * Shrinkage(name="shrink")(batch["tags"])
@@ -203,7 +222,9 @@ def warm_start(params: dict, additive: dict) -> dict:
     stopping can never end worse than the additive fit on validation."""
     out = jax.tree_util.tree_map(np.array, params)
     out["tags"]["bias"] = np.array(additive["tag_weight"])
-    out["tags"]["shrink"] = jax.tree_util.tree_map(np.array, additive["shrink"])
+    # A plain linear fit has no shrinkage: the initial (zero) shrinkage is a factor of exactly 1.
+    if "shrink" in additive:
+        out["tags"]["shrink"] = jax.tree_util.tree_map(np.array, additive["shrink"])
     out["wide"] = {k: np.array(v) for k, v in additive["linear"].items()}
     scale = float(np.exp(additive["log_scale"] + additive["sigma_calibration"]))
     head_bias = np.array(out["head"]["bias"])

@@ -22,6 +22,9 @@ class Fitted:
     config: ModelConfig
     layout: FeatureLayout
     meta: dict = field(default_factory=dict)
+    # Cross-fitting: fold_params[k] was fitted without fold k (`data.fold_of`) and scores it.
+    # Empty: `params` scores every post.
+    fold_params: list[dict] = field(default_factory=list)
 
 
 def save_params(path: Path, fitted: Fitted) -> None:
@@ -35,6 +38,7 @@ def save_params(path: Path, fitted: Fitted) -> None:
             "layout": fitted.layout.to_dict(),
             "meta": fitted.meta,
             "params": serialization.to_state_dict(fitted.params),
+            "fold_params": [serialization.to_state_dict(p) for p in fitted.fold_params],
         }
     )
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
@@ -62,4 +66,14 @@ def load_params(path: Path) -> Fitted:
         config=ModelConfig.from_dict(state["config"]),
         layout=FeatureLayout.from_dict(state["layout"]),
         meta=dict(state.get("meta") or {}),
+        fold_params=_as_list(state.get("fold_params")),
     )
+
+
+def _as_list(value) -> list[dict]:
+    """msgpack_restore turns a list of dicts into a dict keyed "0", "1", ...: undo that."""
+    if not value:
+        return []
+    if isinstance(value, dict):
+        return [value[k] for k in sorted(value, key=int)]
+    return list(value)

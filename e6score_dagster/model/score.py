@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.stats import norm
 
-from e6score_dagster.model.data import ParquetBatches
+from e6score_dagster.model.data import ParquetBatches, fold_of
 from e6score_dagster.model.params import Fitted
 from e6score_dagster.model.train import make_model, model_inputs
 
@@ -21,6 +21,8 @@ def score_batches(fitted: Fitted, data: ParquetBatches) -> Iterator[dict[str, np
     log-normal is dominated by its tail and would rank nothing usefully.
     fav_score is P(count <= observed), i.e. the CDF at log1p(observed + 0.5), a continuity
     correction for the count being an integer.
+    With `fitted.fold_params` every post is scored by the model fitted without its fold, so
+    no score comes from a model that saw that post's favourites.
     """
     model = make_model(fitted.config, fitted.layout)
 
@@ -35,11 +37,21 @@ def score_batches(fitted: Fitted, data: ParquetBatches) -> Iterator[dict[str, np
             (jnp.log1p(fav) - mu) / sigma,
         )
 
-    params = jax.device_put(fitted.params)
+    models = [jax.device_put(p) for p in (fitted.fold_params or [fitted.params])]
     for batch in data.epoch(0):
         real = batch["weight"] > 0
-        out = predict(params, model_inputs(batch), batch["fav_count"].astype(np.float32))
-        mu, sigma, expected, cdf, z = (np.asarray(o)[real] for o in out)
+        fold = fold_of(batch["id"], len(models))
+        inputs, fav = model_inputs(batch), batch["fav_count"].astype(np.float32)
+        out = None
+        for k, params in enumerate(models):
+            if not np.any(fold[real] == k):
+                continue
+            got = [np.asarray(o) for o in predict(params, inputs, fav)]
+            if out is None:
+                out = got
+            else:
+                out = [np.where(fold == k, g, o) for g, o in zip(got, out, strict=True)]
+        mu, sigma, expected, cdf, z = (o[real] for o in out)
         yield {
             "id": batch["id"][real],
             "mu": mu,

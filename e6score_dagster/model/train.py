@@ -45,6 +45,7 @@ ARCHITECTURES = {
     "e6score": (E6ScoreNet, {}),
     "linear": (LinearNet, {}),
     "additive": (LinearNet, {"shrinkage": True}),
+    "constant": (LinearNet, {}),  # a LinearNet at its (all-zero) initial params
 }
 
 
@@ -58,6 +59,7 @@ def make_model(config: ModelConfig, layout: FeatureLayout) -> E6ScoreNet | Linea
         n_ext=layout.n_ext,
         y_mean=layout.y_mean,
         y_std=layout.y_std,
+        n_dense=int(layout.extra.get("dense_tags", 0)),
         **extra,
     )
 

@@ -1,0 +1,359 @@
+"""Model selection and cross-fitting: which candidate to publish, and out-of-fold params.
+
+The candidates, simplest first: a constant log-normal, the linear model (ridge on hashed tag
+effects plus metadata), the additive model (the same with tag effects shrunk by category and
+rarity) and the deep stage fitted on top of the better of those two. All are fitted on the
+same rows (every fold but fold 0, outside the hold-out) and compared on the same validation
+slice; the hold-out is scored for reporting only. The chosen candidate is then refitted
+without each other fold, so every post is scored by a model that never saw its favourites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from e6score_dagster.model.config import ModelConfig
+from e6score_dagster.model.data import FeatureLayout, ParquetBatches
+from e6score_dagster.model.metrics import predictive_metrics
+from e6score_dagster.model.network import WARM_FROZEN, warm_start
+from e6score_dagster.model.params import Fitted
+from e6score_dagster.model.train import (
+    Log,
+    TrainResult,
+    baseline_config,
+    calibrate_scale,
+    device_name,
+    init_params,
+    metrics_with_constant,
+    predict,
+    train,
+)
+
+CANDIDATES = ("constant", "linear", "additive", "deep")
+ADDITIVE = ("linear", "additive")  # what the deep stage can start from
+# A more complex candidate is chosen only when it beats a simpler one on validation by more
+# than this (noise of the scale calibration and rounding).
+SELECTION_MARGIN = 1e-4
+# The blocking rules (`gate`): the published model must beat the constant log-normal on the
+# hold-out by at least MIN_GAIN_OVER_CONSTANT nats (less means broken data or training), and
+# must not be worse than the params in use, on the same hold-out, by more than
+# CURRENT_TOLERANCE nats.
+MIN_GAIN_OVER_CONSTANT = 0.01
+CURRENT_TOLERANCE = 0.01
+EVAL_BATCH = 8192
+MAX_VALIDATION_FRACTION = 0.2
+
+
+@dataclass
+class CandidateFit:
+    name: str
+    config: ModelConfig
+    params: dict = field(repr=False)
+    validation: dict[str, float]
+    holdout: dict[str, float]
+    curve: list[tuple[int, float]]  # (step, validation NLL)
+    best_step: int
+    steps: int
+    seconds: float
+    posts_per_second: float
+    base: str | None = None  # the additive candidate the deep stage started from
+
+
+@dataclass
+class Selection:
+    """Everything `select_and_crossfit` decided and measured; the asset only reports it."""
+
+    chosen: str
+    config: ModelConfig  # the chosen candidate's
+    candidates: dict[str, CandidateFit]
+    fold_params: list[dict] = field(repr=False)  # [k]: fitted without fold k
+    num_folds: int
+    holdout: dict[str, float]  # the published (out-of-fold) predictions on the hold-out
+    training_posts: int
+    validation_posts: int
+    fold_seconds: list[float]
+    seconds: float
+    device: str
+
+    @property
+    def params(self) -> dict:
+        return self.fold_params[0]
+
+    def curves(self) -> dict[str, dict]:
+        """Validation NLL by step for every fitted stage, with the step that was kept."""
+        return {
+            name: {"points": c.curve, "best_step": c.best_step}
+            for name, c in self.candidates.items()
+            if c.curve
+        }
+
+    def candidate_table(self) -> dict[str, dict[str, float]]:
+        """Per candidate: validation and hold-out metrics, steps and seconds (JSON-able)."""
+        out = {}
+        for name, c in self.candidates.items():
+            row: dict[str, float | str | None] = {
+                **{f"validation_{k}": v for k, v in c.validation.items()},
+                **{f"holdout_{k}": v for k, v in c.holdout.items()},
+                "best_step": c.best_step,
+                "seconds": round(c.seconds, 2),
+                "posts_per_second": round(c.posts_per_second, 1),
+            }
+            if c.base:
+                row["base"] = c.base
+            out[name] = row
+        return out
+
+    def posts_per_second(self) -> float:
+        fits = [c for c in self.candidates.values() if c.steps]
+        posts = sum(c.steps * c.config.batch_size for c in fits)
+        return posts / max(sum(c.seconds for c in fits), 1e-9)
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    reason: str
+    metadata: dict[str, float | str]
+
+
+def validation_fraction(config: ModelConfig, fit_posts: int) -> float:
+    """`config.validation_fraction`, raised on small dumps so the slice that stops, calibrates
+    and selects every fit holds at least `min_validation_posts` (at most 20% of the posts)."""
+    wanted = config.min_validation_posts / max(fit_posts, 1)
+    return max(config.validation_fraction, min(wanted, MAX_VALIDATION_FRACTION))
+
+
+def _datasets(
+    config: ModelConfig, layout: FeatureLayout, matrix: Path, fold: tuple[int, int] | None
+) -> tuple[ParquetBatches, ParquetBatches]:
+    fit = ParquetBatches(matrix, layout, config.batch_size, rows="fit", exclude_fold=fold)
+    fraction = validation_fraction(config, fit.num_rows())
+    split = {"validation_fraction": fraction, "exclude_fold": fold}
+    data = ParquetBatches(
+        matrix, layout, config.batch_size, rows="train", shuffle_seed=config.seed, **split
+    )
+    return data, ParquetBatches(matrix, layout, EVAL_BATCH, rows="validation", **split)
+
+
+def candidate_config(config: ModelConfig, name: str) -> ModelConfig:
+    if name == "deep":
+        return dataclasses.replace(config, architecture="e6score")
+    return baseline_config(config, name)
+
+
+def _constant(config: ModelConfig, layout: FeatureLayout, validation: ParquetBatches) -> dict:
+    """The all-zero LinearNet predicts the training posts' mean and standard deviation of
+    log1p(favs); only its scale is calibrated on the validation slice."""
+    params = jax.tree_util.tree_map(np.array, init_params(config, layout))
+    y, mu, sigma = predict(config, layout, params, validation)
+    calibrate_scale(params, y, mu, sigma)
+    return params
+
+
+def _fit(
+    name: str,
+    config: ModelConfig,
+    layout: FeatureLayout,
+    data: ParquetBatches,
+    validation: ParquetBatches,
+    log: Log,
+    base: dict | None = None,
+) -> tuple[dict, TrainResult | None]:
+    cfg = candidate_config(config, name)
+    if name == "constant":
+        return _constant(cfg, layout, validation), None
+    if name == "deep":
+        if base is None:  # no additive stage to build on: the whole network from scratch
+            result = train(cfg, layout, data, log, validation=validation)
+        else:
+            init = warm_start(init_params(cfg, layout), base)
+            result = train(
+                cfg, layout, data, log, validation=validation, init=init, frozen=WARM_FROZEN
+            )
+        return result.params, result
+    result = train(cfg, layout, data, log, validation=validation)
+    return result.params, result
+
+
+def _metrics(cfg: ModelConfig, layout: FeatureLayout, params: dict, data: ParquetBatches) -> dict:
+    y, mu, sigma = predict(cfg, layout, params, data)
+    return predictive_metrics(y, mu, sigma) if y.size else {"n": 0}
+
+
+def choose(validation_nll: dict[str, float]) -> str:
+    """The candidate with the best validation NLL; a later (more complex) one must beat the
+    best so far by more than SELECTION_MARGIN."""
+    best = None
+    for name, nll in validation_nll.items():
+        if best is None or nll < validation_nll[best] - SELECTION_MARGIN:
+            best = name
+    if best is None:
+        raise ValueError("no candidates to choose from")
+    return best
+
+
+def select_and_crossfit(
+    config: ModelConfig, layout: FeatureLayout, matrix: Path, log: Log = print
+) -> Selection:
+    """Fit every candidate without fold 0, choose by validation NLL, refit the chosen one
+    without each other fold. With `config.folds` < 2 nothing is held out of the fits but the
+    hold-out (in-sample scores; for comparison only)."""
+    t0 = time.perf_counter()
+    k_folds = max(int(config.folds), 1)
+    fold0 = (0, k_folds) if k_folds > 1 else None
+    names = [n for n in CANDIDATES if n in config.candidates]
+    unknown = set(config.candidates) - set(CANDIDATES)
+    if unknown or not names:
+        raise ValueError(f"unknown candidates {sorted(unknown)}; known: {CANDIDATES}")
+    data, validation = _datasets(config, layout, matrix, fold0)
+    held_out = ParquetBatches(matrix, layout, EVAL_BATCH, rows="holdout")
+    fits: dict[str, CandidateFit] = {}
+    params_of: dict[str, dict] = {}
+    for name in names:
+        base_name = None
+        if name == "deep":
+            done = [n for n in ADDITIVE if n in fits]
+            if done:
+                base_name = min(done, key=lambda n: fits[n].validation["nll"])
+        log(f"candidate {name}" + (f" (on top of {base_name})" if base_name else ""))
+        t_fit = time.perf_counter()
+        base = params_of.get(base_name) if base_name else None
+        params, result = _fit(name, config, layout, data, validation, log, base)
+        cfg = candidate_config(config, name)
+        params_of[name] = params
+        fits[name] = CandidateFit(
+            name=name,
+            config=cfg,
+            params=params,
+            validation=_metrics(cfg, layout, params, validation),
+            holdout=_metrics(cfg, layout, params, held_out),
+            curve=[(v["step"], v["nll"]) for v in result.validation] if result else [],
+            best_step=result.best_step if result else 0,
+            steps=result.steps if result else 0,
+            seconds=result.seconds if result else time.perf_counter() - t_fit,
+            posts_per_second=result.posts_per_second if result else 0.0,
+            base=base_name,
+        )
+        log(
+            f"candidate {name}: validation NLL {fits[name].validation.get('nll', float('nan')):.4f}"
+        )
+    chosen = choose({n: f.validation["nll"] for n, f in fits.items()})
+    log(f"chosen: {chosen}")
+    chosen_fit = fits[chosen]
+    fold_params = [chosen_fit.params]
+    fold_seconds = [time.perf_counter() - t0]
+    for k in range(1, k_folds):
+        t_fold = time.perf_counter()
+        log(f"cross-fitting {chosen} without fold {k} of {k_folds}")
+        fdata, fval = _datasets(config, layout, matrix, (k, k_folds))
+        base = None
+        if chosen == "deep" and chosen_fit.base:
+            base, _ = _fit(chosen_fit.base, config, layout, fdata, fval, log)
+        params, _ = _fit(chosen, config, layout, fdata, fval, log, base)
+        fold_params.append(params)
+        fold_seconds.append(time.perf_counter() - t_fold)
+    holdout = out_of_fold_metrics(chosen_fit.config, layout, fold_params, matrix)
+    return Selection(
+        chosen=chosen,
+        config=chosen_fit.config,
+        candidates=fits,
+        fold_params=fold_params,
+        num_folds=k_folds,
+        holdout=holdout,
+        training_posts=data.num_rows(),
+        validation_posts=validation.num_rows(),
+        fold_seconds=fold_seconds,
+        seconds=time.perf_counter() - t0,
+        device=device_name(),
+    )
+
+
+def out_of_fold_predictions(
+    config: ModelConfig,
+    layout: FeatureLayout,
+    fold_params: list[dict],
+    matrix: Path,
+    rows: str = "holdout",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y, mu, sigma) of `rows`, each post predicted by its own fold's model."""
+    k_folds = len(fold_params)
+    parts = []
+    for k, params in enumerate(fold_params):
+        only = (k, k_folds) if k_folds > 1 else None
+        data = ParquetBatches(matrix, layout, EVAL_BATCH, rows=rows, only_fold=only)
+        parts.append(predict(config, layout, params, data))
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
+def out_of_fold_metrics(
+    config: ModelConfig, layout: FeatureLayout, fold_params: list[dict], matrix: Path
+) -> dict[str, float]:
+    """Hold-out metrics of the published predictions (with the naive constant's, prefixed
+    `constant_`)."""
+    y, mu, sigma = out_of_fold_predictions(config, layout, fold_params, matrix)
+    return metrics_with_constant(y, mu, sigma, layout)
+
+
+def gate(selection: Selection, current_nll: float | None) -> GateDecision:
+    """Whether the new params may be published. Blocks only a fit that is not clearly better
+    than the constant log-normal (broken data or training) or that is worse than the params in
+    use, on the same hold-out, by more than CURRENT_TOLERANCE."""
+    nll = float(selection.holdout.get("nll", float("inf")))
+    const = selection.candidates.get("constant")
+    const_nll = float(
+        const.holdout["nll"] if const else selection.holdout.get("constant_nll", float("nan"))
+    )
+    meta: dict[str, float | str] = {
+        "chosen_candidate": selection.chosen,
+        "holdout_nll": nll,
+        "constant_holdout_nll": const_nll,
+        "min_gain_over_constant": MIN_GAIN_OVER_CONSTANT,
+        "current_tolerance": CURRENT_TOLERANCE,
+    }
+    if current_nll is not None:
+        meta["current_params_holdout_nll"] = float(current_nll)
+    if not selection.holdout.get("n"):
+        return GateDecision(False, "no hold-out posts to judge the fit on", meta)
+    if not nll < const_nll - MIN_GAIN_OVER_CONSTANT:
+        reason = (
+            f"the chosen model ({selection.chosen}, hold-out NLL {nll:.4f}) is not better than "
+            f"a constant log-normal ({const_nll:.4f}) by {MIN_GAIN_OVER_CONSTANT}: broken data "
+            "or training"
+        )
+        return GateDecision(False, reason, meta)
+    if current_nll is not None and nll > current_nll + CURRENT_TOLERANCE:
+        reason = (
+            f"the new fit's hold-out NLL {nll:.4f} is worse than the params in use "
+            f"({current_nll:.4f}) by more than {CURRENT_TOLERANCE}"
+        )
+        return GateDecision(False, reason, meta)
+    return GateDecision(True, f"{selection.chosen} published", meta)
+
+
+def compatible(previous: Fitted, layout: FeatureLayout) -> bool:
+    """Whether `previous` params read this feature matrix's columns and tag codes the same
+    way (same vocabulary and feature layout), so they can be scored on its hold-out."""
+    keys = ("vocabulary", "dense_tags")
+    return (
+        previous.layout.numeric == layout.numeric
+        and previous.layout.max_tags == layout.max_tags
+        and all(previous.layout.extra.get(k) == layout.extra.get(k) for k in keys)
+    )
+
+
+def current_holdout_nll(previous: Fitted, layout: FeatureLayout, matrix: Path) -> float | None:
+    """The hold-out NLL of the params in use, on the new feature matrix's hold-out when they
+    can read it; otherwise the NLL they recorded on their own dump's hold-out (the same
+    hash-chosen posts, a dump earlier); None when neither is known."""
+    if compatible(previous, layout):
+        folds = previous.fold_params or [previous.params]
+        y, mu, sigma = out_of_fold_predictions(previous.config, previous.layout, folds, matrix)
+        return float(predictive_metrics(y, mu, sigma)["nll"]) if y.size else None
+    recorded = (previous.meta.get("metrics") or {}).get("nll")
+    return float(recorded) if recorded is not None else None
