@@ -174,6 +174,9 @@ COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
 def column_description(table: str, column: str) -> str | None:
     """What `column` of `table` means; derived feature columns are described by their name."""
     known = COLUMN_DESCRIPTIONS.get(table, {}).get(column)
+    if known is None and table == "feature_matrix" and column.startswith("age_under_"):
+        knot = column.removeprefix("age_under_")
+        return f"how far under {knot} old the post was at the dump, in log age (model input)"
     if known is None and table == "feature_matrix" and column.startswith(("log_", "has_")):
         kind = "log of" if column.startswith("log_") else "1 if the post has"
         return f"{kind} {column.split('_', 1)[1].replace('_', ' ')} (model input)"
