@@ -129,6 +129,9 @@ class LockedDuckDBResource(DuckDBResource):
     def get_connection(self) -> Iterator:
         lock_path = Path(self.database).with_name(Path(self.database).name + ".lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
+        spill = (self.connection_config or {}).get("temp_directory")
+        if spill:  # created here, by the first step that uses DuckDB, not at definition load
+            Path(spill).mkdir(parents=True, exist_ok=True)
         with lock_path.open("a") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -160,7 +163,7 @@ class QualityGates(dg.ConfigurableResource):
 
 def duckdb_resource(home: Path, memory_limit: str = "3GB") -> DuckDBResource:
     """Bounded memory and a spill folder, so DuckDB stays out of core on full-size dumps."""
-    tmp = home / "tmp" / "duckdb"  # DuckDB creates it when it first spills
+    tmp = home / "tmp" / "duckdb"  # created by get_connection
     return LockedDuckDBResource(
         database=str(home / DB_FILE),
         connection_config={

@@ -99,7 +99,8 @@ class Stage:
 
     def table(self, name: str) -> str:
         """The staging name under which the body writes table `name`."""
-        assert name in self.tables, f"{self.asset} does not own table {name}"
+        if name not in self.tables:
+            raise ValueError(f"{self.asset} does not own table {name}; declare it in begin()")
         return staged_table(name)
 
     def path(self, final: Path) -> Path:
@@ -119,7 +120,9 @@ class Stage:
 
     # ------------------------------------------------------------------ results
 
-    def lineage_metadata(self, build: Build | None, *, reused: bool, published: bool):
+    def lineage_metadata(
+        self, build: Build | None, *, reused: bool, published: bool
+    ) -> dict[str, Any]:
         """What every materialisation says about the build in use and where it came from."""
         return {
             "dump_date": (build.dump_date if build else None) or "",
@@ -145,7 +148,8 @@ class Stage:
             # The checks judged this build before it was published; their verdicts stand.
             check_results=[
                 dg.AssetCheckResult(
-                    check_name=name, passed=bool(r["passed"]),
+                    check_name=name,
+                    passed=bool(r["passed"]),
                     metadata={**r["metadata"], "judged_version": self.reuse.version},
                 )
                 for name, r in self.reuse.info.get("checks", {}).items()
@@ -222,13 +226,26 @@ class Stage:
                     ).fetchone()[0]
         return int(blocks * size)
 
-    def _record(self, conn: duckdb.DuckDBPyConnection, outcome: str, reason: str | None,
-                info: Mapping[str, Any], files: Mapping[str, Any]) -> None:
+    def _record(
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        outcome: str,
+        reason: str | None,
+        info: Mapping[str, Any],
+        files: Mapping[str, Any],
+    ) -> None:
         conn.execute(
             "UPDATE e6score_builds SET outcome = ?, reason = ?, finished_at = ?, info = ?, "
             "files = ?, dump_date = ? WHERE id = ?",
-            [outcome, reason, now(), json.dumps(dict(info), default=str),
-             json.dumps(dict(files)), self.dump_date, self.build_id],
+            [
+                outcome,
+                reason,
+                now(),
+                json.dumps(dict(info), default=str),
+                json.dumps(dict(files)),
+                self.dump_date,
+                self.build_id,
+            ],
         )
 
     def _publish(self, info: Mapping[str, Any]) -> Build:
@@ -359,10 +376,19 @@ def begin(
                 dump_date = next((b.dump_date for b in published.values() if b.dump_date), None)
             in_use = current(conn, asset)
             stage = Stage(
-                context=context, duckdb=duckdb, state=state, asset=asset, version=version,
-                code_version=code, config=dict(config) if config else None, inputs=published,
-                dump_date=dump_date, tables=tuple(tables), folder=folder,
-                keep=keep if keep is not None else state.keep_dumps, published=in_use,
+                context=context,
+                duckdb=duckdb,
+                state=state,
+                asset=asset,
+                version=version,
+                code_version=code,
+                config=dict(config) if config else None,
+                inputs=published,
+                dump_date=dump_date,
+                tables=tuple(tables),
+                folder=folder,
+                keep=keep if keep is not None else state.keep_dumps,
+                published=in_use,
                 protect=protect,
             )
             stage.reuse = _reusable(conn, stage)
@@ -371,8 +397,15 @@ def begin(
                     "INSERT INTO e6score_builds (asset, version, dump_date, code_version, inputs, "
                     "config, outcome, started_at) VALUES (?, ?, ?, ?, ?, ?, 'building', ?) "
                     "RETURNING id",
-                    [asset, version, dump_date, code, json.dumps(versions),
-                     json.dumps(stage.config, default=str), now()],
+                    [
+                        asset,
+                        version,
+                        dump_date,
+                        code,
+                        json.dumps(versions),
+                        json.dumps(stage.config, default=str),
+                        now(),
+                    ],
                 ).fetchone()[0]
         if swept:
             context.log.info(f"swept what a killed run left: {swept}")
@@ -384,7 +417,7 @@ def begin(
         except BaseException as exc:
             stage._discard_staged()
             with duckdb.get_connection() as conn:
-                reason = (str(getattr(exc, "description", None) or exc) or type(exc).__name__)
+                reason = str(getattr(exc, "description", None) or exc) or type(exc).__name__
                 stage._record(conn, "failed", reason.splitlines()[0][:500], {}, {})
             raise
 

@@ -122,6 +122,8 @@ CREATE OR REPLACE VIEW e6score_lineage AS
 SELECT c.asset, b.version, b.dump_date, c.published_at AS built_at, b.inputs, b.info
 FROM e6score_current c JOIN e6score_builds b ON b.id = c.build_id
 """
+
+
 class MissingUpstreamError(RuntimeError):
     pass
 

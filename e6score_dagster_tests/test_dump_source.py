@@ -19,7 +19,7 @@ from e6score_dagster.sources import (
     parse_index_page,
     validate_date,
 )
-from e6score_dagster_tests.http_server import serve_directory
+from e6score_dagster_tests.http_server import Faults, serve_directory
 
 HEADERS = {"posts": POSTS_COLUMNS, "tags": TAGS_COLUMNS, "pools": POOLS_COLUMNS}
 
@@ -274,3 +274,26 @@ def test_unreachable_host_fails_fast(tmp_path: Path) -> None:
                        "E6SCORE_DUMP_SOURCE") as info:
         DumpSource(url, timeout_s=5, backoff_s=0.01).newest_date()
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("over_http", [True, False])
+def test_republished_dated_file_is_fetched_again(tmp_path: Path, over_http: bool) -> None:
+    """The cache is keyed by the source's version (size, ETag, Last-Modified or mtime), not by
+    the date alone: a posts file re-published under the same date is fetched again."""
+    folder = tmp_path / "src"
+    write_dump(folder, "2024-01-30")
+    dest = tmp_path / "dest"
+    faults = Faults()
+    with serve_directory(folder, faults=faults) as url:
+        source = DumpSource(url if over_http else str(folder))
+        first = source.fetch("2024-01-30", dest)
+        again = source.fetch("2024-01-30", dest)  # unchanged: nothing fetched
+        assert again == first
+        posts = folder / "posts-2024-01-30.csv.gz"
+        posts.write_bytes(gz_bytes("posts", rows=5))
+        second = source.fetch("2024-01-30", dest)
+        assert second.posts.read_bytes() == posts.read_bytes()
+        assert second.identity != first.identity
+    if over_http:
+        assert len(faults.gets("posts-2024-01-30.csv.gz")) == 2
+        assert len(faults.gets("tags-2024-01-30.csv.gz")) == 1

@@ -177,6 +177,8 @@ def scored_posts(
     context: dg.AssetExecutionContext, duckdb: DuckDBResource, state: StateDir
 ) -> dg.MaterializeResult:
     t0 = time.perf_counter()
+    for legacy in state.sub("tmp").glob("scores-*.*"):  # left by killed runs of older versions
+        legacy.unlink(missing_ok=True)
     with stage.begin(
         context, duckdb, state, inputs=["fitted_params", "feature_matrix", "cleaned_posts"],
         tables=["scored_posts"], folder=state.exports,
