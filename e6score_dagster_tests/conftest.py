@@ -5,10 +5,21 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import os
 import re
 import subprocess
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+# One JAX compilation cache for the whole suite and the Dagster processes it starts (set before
+# anything imports JAX): every fit builds fresh jitted functions, and without the cache each
+# one recompiles for seconds. Outside the checkout; JAX bounds its size.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "e6score-tests-jax-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(512 * 1024 * 1024))
 
 import pytest
 

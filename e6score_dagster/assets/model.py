@@ -11,7 +11,13 @@ from scipy.stats import norm
 from e6score_dagster import stage
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.code_versions import code_version
-from e6score_dagster.model import FeatureLayout, ModelConfig, load_params, save_params
+from e6score_dagster.model import (
+    FeatureLayout,
+    ModelConfig,
+    load_params,
+    save_params,
+    use_compilation_cache,
+)
 from e6score_dagster.model.params import Fitted
 from e6score_dagster.model.select import (
     CURRENT_TOLERANCE,
@@ -109,6 +115,7 @@ def fitted_params(
                 params_path=dg.MetadataValue.path(info["path"]),
                 **_comparison_metadata(info.get("table", {}), info.get("chosen_candidate", "")),
             )
+        use_compilation_cache(state.sub("jax_cache"))
         features = Path(st.inputs["feature_matrix"].info["dir"])
         layout = FeatureLayout.read(features / "layout.json")
         matrix = features / "matrix.parquet"

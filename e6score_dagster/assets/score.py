@@ -14,7 +14,12 @@ from e6score_dagster import checks, stage
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.code_versions import code_version
 from e6score_dagster.gzip_file import gzip_file
-from e6score_dagster.model import ParquetBatches, load_params, score_batches
+from e6score_dagster.model import (
+    ParquetBatches,
+    load_params,
+    score_batches,
+    use_compilation_cache,
+)
 from e6score_dagster.plots import histogram_md
 from e6score_dagster.report import run_summary_lines
 from e6score_dagster.resources import DB_FILE, StateDir
@@ -192,6 +197,7 @@ def scored_posts(
                 parquet_export_path=dg.MetadataValue.path(str(parquet_export)),
             )
         params = st.inputs["fitted_params"].info["path"]
+        use_compilation_cache(state.sub("jax_cache"))
         fitted = load_params(Path(params))
         matrix = Path(st.inputs["feature_matrix"].info["dir"]) / "matrix.parquet"
         scores = st.tmp / "scores.parquet"  # st.tmp is emptied at the start of every build
