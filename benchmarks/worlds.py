@@ -121,18 +121,12 @@ def _params_meta(conn: duckdb.DuckDBPyConnection, home: Path) -> dict:
 
 
 def _candidates(meta: dict) -> dict[str, float]:
-    """Held-out NLL per candidate, from whichever layout the metadata uses."""
-    out: dict[str, float] = {}
-    for name, info in (meta.get("candidates") or {}).items():
-        if isinstance(info, dict):
-            held = info.get("holdout") if isinstance(info.get("holdout"), dict) else {}
-            nll = held.get("nll", info.get("holdout_nll", info.get("nll")))
-            if isinstance(nll, int | float):
-                out[name] = float(nll)
-    metrics = meta.get("metrics", {})
-    for prefix in ("constant", "linear", "additive"):
-        if f"{prefix}_nll" in metrics and prefix not in out:
-            out[prefix] = float(metrics[f"{prefix}_nll"])
+    """Held-out NLL per candidate, from the comparison table `fitted_params` records."""
+    out = {name: float(row["nll"]) for name, row in (meta.get("table") or {}).items()
+           if isinstance(row, dict) and isinstance(row.get("nll"), int | float)}
+    constant = (meta.get("metrics") or {}).get("constant_nll")
+    if "constant" not in out and isinstance(constant, int | float):
+        out["constant"] = float(constant)
     return out
 
 

@@ -11,6 +11,7 @@ from e6score_dagster.assets.ingest import e621_dump, raw_dump
 from e6score_dagster.assets.model import fitted_params
 from e6score_dagster.assets.score import scored_posts
 from e6score_dagster.assets.vocabulary import tag_vocabulary
+from e6score_dagster.console_log import console_logger
 from e6score_dagster.resources import make_resources
 
 PIPELINE = [raw_dump, cleaned_posts, tag_vocabulary, feature_matrix, fitted_params, scored_posts]
@@ -21,6 +22,9 @@ e6score_job = dg.define_asset_job(
     "e6score_job",
     selection=dg.AssetSelection.assets(*PIPELINE),
     description="Fetch the current dump and rebuild everything down to scored_posts.",
+    # Selecting the logger is what makes Dagster use it (a job's loggers apply only when its
+    # run config names them): a deliberate failure then reads as one line.
+    config={"loggers": {"console": {"config": {}}}},
 )
 
 
@@ -35,6 +39,7 @@ def build_defs(resources: dict | None = None) -> dg.Definitions:
         # The chain is linear, so separate step processes buy no parallelism, only ~4 s of
         # start-up each; concurrent runs are still serialised on DuckDB by the `duckdb` pool.
         executor=dg.in_process_executor,
+        loggers={"console": console_logger},
     )
 
 

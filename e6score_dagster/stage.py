@@ -31,6 +31,7 @@ from dagster_duckdb import DuckDBResource
 from e6score_dagster.resources import StateDir
 from e6score_dagster.store import (
     Build,
+    column_schema,
     current,
     disk_bytes,
     ensure_lineage,
@@ -206,10 +207,16 @@ class Stage:
             return current(conn, self.asset)
 
     def _tables_metadata(self, tables: Sequence[str]) -> dict[str, Any]:
-        if not tables:
-            return {}
+        """The asset's own table as Dagster's row count and column schema; any further table
+        it writes (`rejected_rows`) as `<table>_columns`, so the UI describes it too."""
+        meta: dict[str, Any] = {}
         with self.duckdb.get_connection() as conn:
-            return table_metadata(conn, tables[0]) if table_exists(conn, tables[0]) else {}
+            for i, table in enumerate(t for t in tables if table_exists(conn, t)):
+                if i == 0 and table == tables[0]:
+                    meta.update(table_metadata(conn, table))
+                else:
+                    meta[f"{table}_columns"] = column_schema(conn, table)
+        return meta
 
     def disk_bytes(self) -> int:
         """What this stage keeps on disk: its folder, or an estimate of its tables' blocks."""

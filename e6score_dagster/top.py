@@ -71,7 +71,7 @@ PROG = "python -m e6score_dagster.top"
 RANKING = "fav_score * ln(1 + fav_count), highest first; ties by ascending id"
 SEARCH_URL = "https://e621.net/posts?tags=id:"
 IDS_PER_URL = 100
-MATERIALIZE_HINT = "dg launch -m e6score_dagster --assets '*'"
+MATERIALIZE_HINT = "dg launch -m e6score_dagster --job e6score_job"
 RATING_WORDS = {"safe": "s", "questionable": "q", "explicit": "e"}
 POOL_COLUMNS_NEEDED = ("id", "post_ids")
 

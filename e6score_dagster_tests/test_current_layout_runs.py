@@ -123,20 +123,25 @@ def _closed_port_url(tmp_path) -> str:
     return url
 
 
-@pytest.mark.parametrize("case", ["missing folder", "unreachable", "refused"])
-def test_source_configuration_errors_are_one_line_before_any_work(tmp_path, case):
+@pytest.mark.parametrize("case", ["missing folder", "unreachable", "refused", "home unwritable"])
+def test_source_configuration_errors_are_one_line_before_any_work(tmp_path, generated_dump, case):
     home = tmp_path / "home"
+    if case == "home unwritable":  # a file where a folder should be
+        (tmp_path / "a-file").write_text("")
+        home = tmp_path / "a-file" / "home"
     export = tmp_path / "export"
     export.mkdir()
     (export / "db_exports.json").write_text("[]")
     faults = Faults(files={"db_exports.json": FileFault(status=403)})
     expected = {"missing folder": "dump source directory does not exist",
                 "unreachable": "cannot reach http://127.0.0.1",
-                "refused": "e621 refused the request (HTTP 403)"}[case]
+                "refused": "e621 refused the request (HTTP 403)",
+                "home unwritable": f"cannot create dump folder {home}/dumps/"}[case]
     with serve_directory(export, faults=faults) as url:
         source = {"missing folder": str(tmp_path / "nope"),
                   "unreachable": _closed_port_url(tmp_path / "closed"),
-                  "refused": url + "db_exports.json"}[case]
+                  "refused": url + "db_exports.json",
+                  "home unwritable": str(generated_dump)}[case]
         result = materialize(home, source, select=[raw_dump])
     assert not result.success
     failure = result.failure_data_for_node("raw_dump").user_failure_data.description

@@ -104,6 +104,10 @@ def test_materialisations_carry_metadata_and_checks_pass(pipeline):
         columns = result.asset_materializations_for_node(asset)[0].metadata[
             "dagster/column_schema"].schema.columns
         assert [c.name for c in columns if not c.description] == [], asset
+    rejected = result.asset_materializations_for_node("cleaned_posts")[0].metadata[
+        "rejected_rows_columns"].schema.columns
+    assert "reason" in [c.name for c in rejected]
+    assert [c.name for c in rejected if not c.description] == []
     evaluations = result.get_asset_check_evaluations()
     names = {e.check_name for e in evaluations}
     assert names == {"rejected_share_within_limit", "post_count_not_collapsed",

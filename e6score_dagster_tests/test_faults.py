@@ -26,7 +26,11 @@ from e6score_dagster_tests.conftest import DUMP_DATE, FAST_TRAINING, run_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 D2 = "2026-11-21"
-QUICK_BIG = {**FAST_TRAINING, "epochs": 1, "batch_size": 2048}  # a short fit on 100k posts
+# A short fit on 100k posts: these tests kill and resume runs, so what is fitted does not
+# matter, only that fitting takes a while and writes params (model selection, every candidate
+# and K = 3, is exercised by test_select.py and test_end_to_end.py).
+QUICK_BIG = {**FAST_TRAINING, "epochs": 1, "batch_size": 2048,
+             "candidates": ["constant", "linear"], "folds": 2}
 
 
 def _posts(folder: Path, date: str = DUMP_DATE) -> pd.DataFrame:

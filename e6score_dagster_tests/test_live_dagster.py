@@ -18,10 +18,6 @@ from e6score_dagster_tests.current_layout import write_current_layout
 from e6score_dagster_tests.dagster_dev import DagsterDev
 from e6score_dagster_tests.http_server import serve_directory
 
-# The bundled sample: dagster dev trains with its default settings, and on a dump much smaller
-# than the sample's 20k posts a converged model and the linear baseline tie within noise, so
-# the blocking beats_baselines gate would decide the test by chance.
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 NEW_DATE = "2026-11-21"
 SENSOR_INTERVAL_S = 5
 
@@ -76,20 +72,21 @@ class LiveDagster(DagsterDev):
         raise TimeoutError(f"timed out waiting for {what}; runs: {self.runs()}")
 
 
-def _publish(export: Path, date: str, seed: int) -> None:
-    """The sample as e621 publishes it today, exported at 07:12 UTC on ``date``."""
-    write_current_layout(SAMPLE, DUMP_DATE, export, f"{date}T02:12:33.512-05:00", seed=seed)
+def _publish(dump: Path, export: Path, date: str, seed: int) -> None:
+    """The dump as e621 publishes it today, exported at 07:12 UTC on ``date``."""
+    write_current_layout(dump, DUMP_DATE, export, f"{date}T02:12:33.512-05:00", seed=seed)
 
 
 @pytest.mark.slow
-def test_dagster_dev_follows_new_dumps_and_ignores_unchanged_ones(tmp_path):
+def test_dagster_dev_follows_new_dumps_and_ignores_unchanged_ones(tmp_path, generated_dump):
+    """dagster dev trains with its default settings, whatever model selection then picks."""
     export = tmp_path / "export"
-    _publish(export, DUMP_DATE, seed=0)
+    _publish(generated_dump, export, DUMP_DATE, seed=0)
     with serve_directory(export) as url:
-        _follow(LiveDagster(tmp_path, url + "db_exports.json"), export)
+        _follow(LiveDagster(tmp_path, url + "db_exports.json"), generated_dump, export)
 
 
-def _follow(live: LiveDagster, export: Path) -> None:
+def _follow(live: LiveDagster, dump: Path, export: Path) -> None:
     try:
         live.wait_ready()
         time.sleep(5)  # let the automation sensor take its first look before anything exists
@@ -101,7 +98,7 @@ def _follow(live: LiveDagster, export: Path) -> None:
         params_1 = live.latest("fitted_params")
         assert params_1["dump_date"] == DUMP_DATE and params_1["reused"] is False
 
-        _publish(export, NEW_DATE, seed=1)  # new files under the same names
+        _publish(dump, export, NEW_DATE, seed=1)  # new files under the same names
         live.trigger_ingestion()
         second = live.wait_for(
             lambda: (m := live.latest("scored_posts")) and m["dump_date"] == NEW_DATE and m,
@@ -117,7 +114,7 @@ def _follow(live: LiveDagster, export: Path) -> None:
         observe_run = live.trigger_ingestion()
         live.wait_for(lambda: any(r["runId"] == observe_run and r["status"] == "SUCCESS"
                                   for r in live.runs()), timeout=120, what="the observation")
-        time.sleep(4 * SENSOR_INTERVAL_S + 10)  # several automation sensor ticks
+        time.sleep(3 * SENSOR_INTERVAL_S)  # three automation sensor ticks
         new_runs = [r for r in live.runs() if r["runId"] not in before]
         assert [r["jobName"] for r in new_runs] == ["observe_e621_dump"], new_runs
         assert live.latest("fitted_params")["runId"] == params_2["runId"]

@@ -36,7 +36,7 @@ def readme_command(pattern: str) -> list[str]:
     raise AssertionError(f"no README command matches {pattern!r}")
 
 
-def _env(home: Path, source: Path) -> dict[str, str]:
+def _env(home: Path, source: Path | str) -> dict[str, str]:
     return {
         **os.environ,
         "E6SCORE_HOME": str(home),
@@ -45,7 +45,7 @@ def _env(home: Path, source: Path) -> dict[str, str]:
     }
 
 
-def _run(words: list[str], home: Path, source: Path) -> subprocess.CompletedProcess:
+def _run(words: list[str], home: Path, source: Path | str) -> subprocess.CompletedProcess:
     config = json.dumps({"ops": {"fitted_params": {"config": FAST_TRAINING}}})
     return subprocess.run(
         [*words, "--config-json", config],
@@ -61,7 +61,7 @@ def _no_foreign_warnings(output: str) -> None:
 @pytest.mark.slow
 def test_readme_headless_command_is_clean_and_ends_with_a_summary(tmp_path, generated_dump):
     words = readme_command(r"dg launch ")
-    assert words[:2] == ["dg", "launch"] and "'*'" not in words  # shlex unquoted the selection
+    assert words[:2] == ["dg", "launch"] and words[words.index("--job") + 1] == "e6score_job"
     assert (BIN / "dg").exists(), "dg is missing: pip install -e '.[dev]' (dagster-dg-cli)"
     home = tmp_path / "home"
     run = _run(words, home, generated_dump)
@@ -69,7 +69,7 @@ def test_readme_headless_command_is_clean_and_ends_with_a_summary(tmp_path, gene
     assert run.returncode == 0, output[-4000:]
     _no_foreign_warnings(output)
 
-    summary = output[output.index('Started execution of step "scored_posts"'):]
+    summary = output[output.index("published scored_posts"):]
     assert f"scored 3,000 posts of the dump of {DUMP_DATE}" in summary
     csv_export = home / "exports" / f"score-{DUMP_DATE}.csv.gz"
     parquet_export = home / "exports" / f"score-{DUMP_DATE}.parquet"
@@ -100,6 +100,25 @@ def test_readme_headless_command_is_clean_and_ends_with_a_summary(tmp_path, gene
     legacy_output = legacy.stdout + legacy.stderr
     assert "BetaWarning" not in legacy_output
     assert f"scored 3,000 posts of the dump of {DUMP_DATE}" in legacy_output
+
+
+def test_readme_command_with_a_bad_setting_fails_in_one_line_and_creates_nothing(tmp_path):
+    """What the terminal shows for a configuration error: the line naming what is wrong and
+    the setting to change, then that the run stopped; no stack, no folders (the other
+    configuration errors are the same kind of failure: test_current_layout_runs.py)."""
+    source, home = tmp_path / "nonexistent", tmp_path / "home"
+    run = _run(readme_command(r"dg launch "), home, source)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "Traceback" not in output and "Stack Trace" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if " - ERROR - " in line]
+    assert len(errors) == 2, "\n".join(errors)
+    assert errors[0].endswith(f"raw_dump failed: dump source directory does not exist: {source} "
+                              "(set E6SCORE_DUMP_SOURCE to a folder of dumps, or to e621's "
+                              "index URL)")
+    assert errors[1].endswith("run failed at raw_dump; the last published outputs stay in use")
+    assert not home.exists()
+    _no_foreign_warnings(output)
 
 
 @pytest.mark.slow

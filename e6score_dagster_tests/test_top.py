@@ -259,7 +259,7 @@ def test_missing_database(tmp_path, capsys):
     line = one_error_line(err)
     assert out == ""
     assert "nothing materialised yet" in line
-    assert "dg launch -m e6score_dagster --assets '*'" in line
+    assert "dg launch -m e6score_dagster --job e6score_job" in line
     assert not (tmp_path / "empty").exists()  # read-only: it creates nothing
 
 

@@ -209,7 +209,10 @@ class DumpSource:
         try:
             dest.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise DumpSourceError(f"cannot create dump folder {dest}: {exc}") from exc
+            raise DumpSourceError(
+                f"cannot create dump folder {dest}: {exc.strerror} (set E6SCORE_HOME to a "
+                "writable folder)"
+            ) from exc
         paths: dict[str, Path] = {}
         versions: dict[str, RemoteFile] = {}
         with dir_lock(dest):
