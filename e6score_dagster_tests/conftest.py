@@ -60,11 +60,14 @@ from e6score_dagster.schema import POSTS_COLUMNS, TAGS_COLUMNS  # noqa: E402
 from e6score_dagster.synthetic import generate_dump  # noqa: E402
 
 DUMP_DATE = "2026-11-20"
-# Short fits for the orchestration tests (versions, faults, automation, the UI): what gets
-# published is whatever model selection picks, and these tests assert nothing about which.
-# Selection itself is tested in test_select.py, model quality measured by benchmarks/worlds.py.
+# Short fits with every candidate and K = 3 folds, for the tests of what fitted_params
+# publishes and reports (test_end_to_end.py). Model quality is measured by
+# benchmarks/worlds.py, selection itself tested on the pure package (test_select.py).
 FAST_TRAINING = {"epochs": 4, "batch_size": 256, "hash_bits": 12, "mlp_widths": [32],
                  "baseline_min_steps": 100}
+# The orchestration tests (versions, faults, automation, the UI, the CLI) assert nothing about
+# which model is published, only that one is: two candidates and two folds keep them quick.
+QUICK_TRAINING = {**FAST_TRAINING, "candidates": ["constant", "linear"], "folds": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +88,7 @@ def generated_dump(tmp_path_factory) -> Path:
 
 
 def run_config(training: dict | None = None) -> dg.RunConfig:
-    return dg.RunConfig(ops={"fitted_params": {"config": training or FAST_TRAINING}})
+    return dg.RunConfig(ops={"fitted_params": {"config": training or QUICK_TRAINING}})
 
 
 def materialize(

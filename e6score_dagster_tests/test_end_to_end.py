@@ -10,7 +10,7 @@ import pytest
 from e6score_dagster.assets.model import PUBLISHED_ROW
 from e6score_dagster.model import load_params
 from e6score_dagster.schema import POSTS_ALL_COLUMNS, POSTS_COLUMNS
-from e6score_dagster_tests.conftest import DUMP_DATE, materialize
+from e6score_dagster_tests.conftest import DUMP_DATE, FAST_TRAINING, materialize
 from e6score_dagster_tests.http_server import serve_directory
 
 
@@ -18,7 +18,7 @@ from e6score_dagster_tests.http_server import serve_directory
 def pipeline(generated_dump, tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     with serve_directory(generated_dump) as url:
-        result = materialize(home, url)
+        result = materialize(home, url, training=FAST_TRAINING)
     assert result.success
     return home, result
 

@@ -22,15 +22,12 @@ from e6score_dagster.model import load_params
 from e6score_dagster.resources import QualityGates, make_resources
 from e6score_dagster.schema import POSTS_COLUMNS
 from e6score_dagster.synthetic import generate_dump
-from e6score_dagster_tests.conftest import DUMP_DATE, FAST_TRAINING, run_config
+from e6score_dagster_tests.conftest import DUMP_DATE, QUICK_TRAINING, run_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 D2 = "2026-11-21"
-# A short fit on 100k posts: these tests kill and resume runs, so what is fitted does not
-# matter, only that fitting takes a while and writes params (model selection, every candidate
-# and K = 3, is exercised by test_select.py and test_end_to_end.py).
-QUICK_BIG = {**FAST_TRAINING, "epochs": 1, "batch_size": 2048,
-             "candidates": ["constant", "linear"], "folds": 2}
+# A short fit on 100k posts: these tests kill and resume runs.
+QUICK_BIG = {**QUICK_TRAINING, "epochs": 1, "batch_size": 2048}
 
 
 def _posts(folder: Path, date: str = DUMP_DATE) -> pd.DataFrame:
@@ -136,7 +133,7 @@ def _cli(home: Path, source: Path, training: dict) -> subprocess.Popen:
 
 def test_two_runs_at_once_do_not_collide(tmp_path, generated_dump):
     home = tmp_path / "home"
-    runs = [_cli(home, generated_dump, FAST_TRAINING) for _ in range(2)]
+    runs = [_cli(home, generated_dump, QUICK_TRAINING) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in runs]
     assert [p.returncode for p in runs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert not any("lock" in o.lower() and "error" in o.lower() for o in outputs)
@@ -227,7 +224,7 @@ def test_diverging_training_fails_and_keeps_the_previous_params(tmp_path, genera
     fitted, scored = PIPELINE[4], PIPELINE[5]
     result = dg.materialize(
         PIPELINE, resources=resources, selection=[fitted.key, scored.key],
-        run_config=run_config({**FAST_TRAINING, "learning_rate": 1e30, "grad_clip": 1e30}),
+        run_config=run_config({**QUICK_TRAINING, "learning_rate": 1e30, "grad_clip": 1e30}),
         raise_on_error=False,
     )
     assert not result.success
@@ -248,7 +245,7 @@ def _refit(home: Path, source: Path, training: dict) -> dg.ExecuteInProcessResul
     fitted, scored = PIPELINE[4], PIPELINE[5]
     return dg.materialize(
         PIPELINE, resources=make_resources(home, str(source)),
-        selection=[fitted.key, scored.key], run_config=run_config({**FAST_TRAINING, **training}),
+        selection=[fitted.key, scored.key], run_config=run_config({**QUICK_TRAINING, **training}),
         raise_on_error=False,
     )
 

@@ -15,7 +15,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from e6score_dagster_tests.conftest import DUMP_DATE, FAST_TRAINING
+from e6score_dagster_tests.conftest import DUMP_DATE, QUICK_TRAINING
 from e6score_dagster_tests.dagster_dev import REPO_ROOT, DagsterDev
 
 README = (REPO_ROOT / "README.md").read_text()
@@ -46,7 +46,7 @@ def _env(home: Path, source: Path | str) -> dict[str, str]:
 
 
 def _run(words: list[str], home: Path, source: Path | str) -> subprocess.CompletedProcess:
-    config = json.dumps({"ops": {"fitted_params": {"config": FAST_TRAINING}}})
+    config = json.dumps({"ops": {"fitted_params": {"config": QUICK_TRAINING}}})
     return subprocess.run(
         [*words, "--config-json", config],
         cwd=REPO_ROOT, env=_env(home, source), capture_output=True, text=True, timeout=600,

@@ -18,7 +18,7 @@ from e6score_dagster.code_versions import code_closure, code_version
 from e6score_dagster.definitions import PIPELINE
 from e6score_dagster.resources import StateDir, make_resources
 from e6score_dagster.store import ensure_lineage, history, read_lineage
-from e6score_dagster_tests.conftest import DUMP_DATE, FAST_TRAINING
+from e6score_dagster_tests.conftest import DUMP_DATE, QUICK_TRAINING
 
 DATES = ["2026-11-21", "2026-11-22", "2026-11-23"]
 
@@ -45,7 +45,7 @@ def _run(home: Path, src: Path, selection=None, config: dict | None = None,
         resources["state"] = StateDir(home=str(home), keep_dumps=keep)
     ops = dict(config or {})
     if selection is None or fitted_params.key in selection:
-        ops["fitted_params"] = {"config": FAST_TRAINING}
+        ops["fitted_params"] = {"config": QUICK_TRAINING}
     return dg.materialize(PIPELINE, resources=resources, selection=selection,
                           run_config=dg.RunConfig(ops=ops), raise_on_error=False)
 
