@@ -135,7 +135,6 @@ _SCORE_COLUMNS: dict[str, str] = {
 COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
     "cleaned_posts": {
         **_EXPORT_COLUMNS,
-        "tags": "tag_string split into a list (typed, for filters and features)",
     },
     "rejected_rows": {
         "dump_date": "date of the dump the row came from",

@@ -24,7 +24,7 @@ Filters
 * `--rating`: one or more of s, q, e (comma list or repeated flag);
 * `--ext`: file extensions to keep (png, jpg, webp, ...);
 * `--tags`: keep posts having all of these tags; `--exclude-tags`: drop posts having any of
-  them (both matched against the typed `cleaned_posts.tags` array; a tag no post of the dump
+  them (both matched against each post's `tag_string` split into tags; a tag no post of the dump
   has, or a file type no post has, is reported on stderr: most likely a typo);
 * `--exclude-pools`: drop posts listed in any pool of the current dump (the pools file named
   by the `raw_dump` lineage; a dump without a pools file is reported on stderr and nothing is
@@ -66,6 +66,7 @@ from e6score_dagster.local_state import (
     table_exists,
 )
 from e6score_dagster.schema import RATINGS
+from e6score_dagster.sql import post_tags_sql
 
 PROG = "python -m e6score_dagster.top"
 RANKING = "fav_score * ln(1 + fav_count), highest first; ties by ascending id"
@@ -219,13 +220,13 @@ def top_posts(
     if exclude_tags:
         where.append(
             "NOT EXISTS (SELECT 1 FROM cleaned_posts c "
-            "WHERE c.id = s.id AND list_has_any(c.tags, ?::VARCHAR[]))"
+            f"WHERE c.id = s.id AND list_has_any({post_tags_sql('c.tag_string')}, ?::VARCHAR[]))"
         )
         params.append(exclude_tags)
     if tags:
         where.append(
             "EXISTS (SELECT 1 FROM cleaned_posts c "
-            "WHERE c.id = s.id AND list_has_all(c.tags, ?::VARCHAR[]))"
+            f"WHERE c.id = s.id AND list_has_all({post_tags_sql('c.tag_string')}, ?::VARCHAR[]))"
         )
         params.append(tags)
     pool_table = None

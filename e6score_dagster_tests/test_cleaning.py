@@ -11,9 +11,11 @@ from e6score_dagster.assets.clean import cleaned_posts
 from e6score_dagster.assets.ingest import raw_dump
 from e6score_dagster.resources import QualityGates
 from e6score_dagster.schema import POSTS_COLUMNS
+from e6score_dagster.sql import post_tags_sql
 from e6score_dagster_tests.conftest import materialize, post_row, write_dump
 
 DATE = "2025-01-02"
+POST_TAGS = post_tags_sql()  # how every consumer reads a post's tags
 TAGS = [["1", "fox", "5", "3"], ["2", "solo", "0", "2"], ["3", "artist_x", "1", "1"]]
 
 DESCRIPTION = 'Line one, with "quotes"\nline two ✓ 日本語 émoji 🦊\n\n"quoted start'
@@ -81,14 +83,15 @@ def test_quirky_values_survive_typing(quirky):
     home, _ = quirky
     row = _query(
         home,
-        "SELECT description, source, created_at, is_deleted, tags FROM cleaned_posts WHERE id = 1",
+        f"SELECT description, source, created_at, is_deleted, {POST_TAGS} FROM cleaned_posts "
+        "WHERE id = 1",
     )[0]
     assert row[0] == DESCRIPTION
     assert row[1] == "https://a.example/x\nhttps://b.example/y"
     assert row[2].microsecond == 123456 and row[2].year == 2019
     assert row[3] is False
     assert sorted(row[4]) == ["fox", "solo"]
-    two = _query(home, "SELECT tags, is_deleted, rating, duration, parent_id, created_at "
+    two = _query(home, f"SELECT {POST_TAGS}, is_deleted, rating, duration, parent_id, created_at "
                        "FROM cleaned_posts WHERE id = 2")[0]
     assert two[0] == [] and two[1] is True and two[2] == "e"
     assert two[3] == 12.5 and two[4] == 1 and two[5].second == 0
@@ -99,7 +102,7 @@ def test_quirky_values_survive_typing(quirky):
 
 def test_duplicate_id_keeps_the_newest_edit(quirky):
     home, _ = quirky
-    rows = _query(home, "SELECT change_seq, tags FROM cleaned_posts WHERE id = 7")
+    rows = _query(home, f"SELECT change_seq, {POST_TAGS} FROM cleaned_posts WHERE id = 7")
     assert len(rows) == 1
     assert rows[0][0] == 9 and sorted(rows[0][1]) == ["artist_x", "fox", "solo"]
 
