@@ -33,12 +33,10 @@ from e6score_dagster.resources import duckdb_resource  # noqa: E402
 
 RESULTS_JSON = HERE / "scale.json"
 RESULTS_MD = HERE / "SCALE.md"
-TARGETS = {
-    "chain_s": 15 * 60,
-    "step_rss_mb": 4096,
-    "clean_vs_scan": 1.5,
-    "score_posts_per_s": 50_000,
-}
+# Issue 14's targets on 2 CPU cores: (chain seconds, largest step's peak RSS in MB) by size.
+CHAIN_TARGETS = {1_000_000: (100, 2560), 6_000_000: (12 * 60, 3072)}
+CLEAN_VS_SCAN = 2.0
+DEEP_POSTS_PER_S = 60_000
 
 
 def bare_scan_seconds(posts_csv: Path, tmp: Path) -> float:
@@ -160,10 +158,12 @@ def measure(posts: int, seed: int) -> dict:
         **chain_totals(steps),
         "training": {
             "posts_per_second": train_meta["posts_per_second"],
-            "data_wait_share": train_meta["data_wait_share"],
-            "steps": train_meta["steps"],
-            "best_step": train_meta.get("best_step"),
             "train_seconds": train_meta["train_seconds"],
+            "device": train_meta.get("device"),
+            "folds": train_meta.get("folds"),
+            "fold_seconds": train_meta.get("fold_seconds"),
+            "chosen": train_meta.get("chosen_candidate"),
+            "stages": train_meta.get("stage_fits", {}),
             "flops_per_step": flops["flops_per_step"],
             "batch_size": flops["batch_size"],
             "achieved_gflops": round(flops["flops_per_step"] / step_s / 1e9, 2),
@@ -171,7 +171,7 @@ def measure(posts: int, seed: int) -> dict:
             "holdout_nll": train_meta.get("holdout_nll"),
             "holdout_linear_nll": train_meta.get("candidate_metrics", {})
             .get("linear", {})
-            .get("nll", train_meta.get("holdout_linear_nll")),
+            .get("nll"),
         },
         "scoring": {
             "posts_per_second": score_meta["posts_per_second"],
@@ -277,21 +277,43 @@ def write_md(runs: list[dict]) -> None:
     def row(name: str, target: str, fmt) -> None:
         lines.append(f"| {name} | {target} | " + " | ".join(fmt(r) for r in runs) + " |")
 
-    row("whole chain (step time)", "≤ 900 s", lambda r: f"{r['chain_step_s']:.0f} s")
-    row("largest step peak RSS", "≤ 4,096 MB", lambda r: f"{r['max_step_rss_mb']:,} MB")
+    def chain_target(r: dict) -> str:
+        target = CHAIN_TARGETS.get(r["posts"])
+        return f"{r['chain_process_s']:.0f} s" + (f" (≤ {target[0]} s)" if target else "")
+
+    def rss_target(r: dict) -> str:
+        target = CHAIN_TARGETS.get(r["posts"])
+        return f"{r['max_step_rss_mb']:,} MB" + (f" (≤ {target[1]:,})" if target else "")
+
+    def stage(r: dict, name: str) -> str:
+        fit = r["training"].get("stages", {}).get(name)
+        if not fit:
+            return "n/a"
+        return f"{fit['posts_per_second']:,.0f} posts/s, {fit['seconds']:.0f} s"
+
+    row("whole chain, processes included", "1M: ≤ 100 s; 6M: ≤ 720 s", chain_target)
+    row("largest step peak RSS", "1M: ≤ 2,560 MB; 6M: ≤ 3,072 MB", rss_target)
     row("bare DuckDB scan (`count(*)`)", "", lambda r: f"{r['bare_scan_s']:.1f} s")
     row(
         "cleaned_posts / bare scan",
-        "≤ 1.5",
+        f"≤ {CLEAN_VS_SCAN}",
         lambda r: f"{r['steps']['cleaned_posts']['step_s'] / r['bare_scan_s']:.2f}",
     )
-    row("training posts/s", "", lambda r: f"{r['training']['posts_per_second']:,.0f}")
+    row("training posts/s, all fits", "", lambda r: f"{r['training']['posts_per_second']:,.0f}")
+    for name in ("linear", "additive", "deep"):
+        target = f"≥ {DEEP_POSTS_PER_S:,} posts/s" if name == "deep" else ""
+        row(f"{name} stage", target, lambda r, n=name: stage(r, n))
     row(
-        "training steps (best step)",
+        "folds (seconds: selection, then each fold's refit)",
         "",
-        lambda r: f"{r['training']['steps']} ({r['training'].get('best_step')})",
+        lambda r: (
+            f"{r['training']['folds']} "
+            f"({', '.join(f'{s:.0f}' for s in r['training']['fold_seconds'])})"
+            if r["training"].get("fold_seconds") else "n/a (before cross-fitting)"
+        ),
     )
-    row("data-wait share of training", "small", lambda r: f"{r['training']['data_wait_share']:.1%}")
+    row("chosen candidate / device", "", lambda r: (
+        f"{r['training'].get('chosen', 'n/a')} / {r['training'].get('device', 'n/a')}"))
     row(
         "FLOPs per step / achieved GFLOP/s / matmul GFLOP/s",
         "",
@@ -302,7 +324,7 @@ def write_md(runs: list[dict]) -> None:
     )
     row(
         "scoring posts/s",
-        "≥ 50,000",
+        "",
         lambda r: f"{r['scoring']['posts_per_second']:,.0f}",
     )
     row(
@@ -317,7 +339,8 @@ def write_md(runs: list[dict]) -> None:
     row(
         "held-out NLL: model / linear",
         "",
-        lambda r: f"{r['training']['holdout_nll']:.4f} / {r['training']['holdout_linear_nll']:.4f}",
+        lambda r: (f"{r['training']['holdout_nll']:.4f} / "
+                   f"{r['training']['holdout_linear_nll'] or 0:.4f}"),
     )
     lines += [
         "",
@@ -325,6 +348,8 @@ def write_md(runs: list[dict]) -> None:
         + ", ".join(f"`python benchmarks/scale.py --posts {r['posts']}`" for r in runs),
         "",
         FINDINGS,
+        "The training loop (resident rows, fused steps, the batch-size rule) and its per-step host",
+        "overhead, measured on the model package alone: `TRAIN_LOOP.md`.",
     ]
     RESULTS_MD.write_text("\n".join(lines) + "\n")
 
