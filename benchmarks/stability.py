@@ -30,6 +30,7 @@ from e6score_dagster.synthetic import generate_dump
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
+RESULTS = HERE / "stability.json"  # one record per world and size, the newest run's
 DATE = "2026-11-20"
 
 
@@ -91,6 +92,7 @@ def main() -> None:
     result = {
         "world": args.world,
         "posts": args.posts,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
         "seconds": [round(s1, 1), round(s2, 1)],
         **rank_stability(
             first["id"].to_numpy(),
@@ -100,6 +102,9 @@ def main() -> None:
         ),
     }
     print(json.dumps(result))
+    records = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    records = [r for r in records if (r["world"], r["posts"]) != (args.world, args.posts)]
+    RESULTS.write_text(json.dumps([*records, result], indent=1) + "\n")
 
 
 if __name__ == "__main__":

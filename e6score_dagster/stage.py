@@ -142,8 +142,8 @@ class Stage:
         return dg.MaterializeResult(
             data_version=dg.DataVersion(self.reuse.version),
             metadata={
+                **metadata,  # the asset's own entries lead on its page
                 **self._tables_metadata(self.tables),
-                **metadata,
                 **self.lineage_metadata(self.reuse, reused=True, published=True),
             },
             # The checks judged this build before it was published; their verdicts stand.
@@ -193,8 +193,8 @@ class Stage:
         return dg.MaterializeResult(
             data_version=dg.DataVersion(build.version),
             metadata={
+                **metadata,  # the asset's own entries lead on its page
                 **self._tables_metadata(self.tables),
-                **metadata,
                 **self.lineage_metadata(build, reused=False, published=True),
             },
             check_results=list(checks),

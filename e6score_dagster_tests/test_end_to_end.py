@@ -97,6 +97,8 @@ def test_materialisations_carry_metadata_and_checks_pass(pipeline):
     scored_meta = result.asset_materializations_for_node("scored_posts")[0].metadata
     assert "top_posts" in scored_meta and "bottom_posts" in scored_meta
     assert "fav_score_histogram" in scored_meta
+    assert list(scored_meta)[0] == "model_comparison"  # what the scores are worth, first
+    assert scored_meta["model_comparison"].value == meta["model_comparison"].value
     assert scored_meta["dagster/row_count"].value == 3000
     assert [c.name for c in scored_meta["dagster/column_schema"].schema.columns][:5] == [
         "id", "fav_count", "expected_fav_count", "fav_score", "fav_zscore"]

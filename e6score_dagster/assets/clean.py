@@ -35,14 +35,20 @@ def _ts(col: str) -> str:
     return f"TRY_STRPTIME(trim({col}), {TS_FORMATS}) AS {col}"
 
 
+def _raw_if_untyped(typed: str, col: str) -> str:
+    """The raw text of a required column, kept only where typing it failed (the rejection
+    reason quotes it); NULL elsewhere, so the staged table does not carry a second copy."""
+    return f"CASE WHEN ({typed.rsplit(' AS ', 1)[0]}) IS NULL THEN {col} END AS {col}_raw"
+
+
 # Typed projection of the raw VARCHAR columns; unrepairable values are caught by REJECT_REASON.
 TYPED_COLUMNS = ",\n".join(
     [
-        "id AS id_raw",
+        _raw_if_untyped(_int("id"), "id"),
         _int("id"),
         _int("uploader_id"),
         _ts("created_at"),
-        "created_at AS created_at_raw",
+        _raw_if_untyped(_ts("created_at"), "created_at"),
         "md5",
         "source",
         "lower(trim(rating)) AS rating",
@@ -51,7 +57,7 @@ TYPED_COLUMNS = ",\n".join(
         "tag_string",
         "locked_tags",
         _int("fav_count"),
-        "fav_count AS fav_count_raw",
+        _raw_if_untyped(_int("fav_count"), "fav_count"),
         "lower(trim(file_ext)) AS file_ext",
         _int("parent_id"),
         _int("change_seq"),
@@ -156,8 +162,11 @@ def stage_posts(conn, posts: Path, dump_date: str, table: str, rejected: str, lo
                any_value(left(csv_line, 4096)) AS raw
         FROM posts_rejects GROUP BY scan_id, file_id, line
         UNION ALL
-        SELECT CAST({day} AS DATE), 'posts', 'typing', NULL, left(id_raw, 64), reason,
-               left(concat_ws(',', id_raw, created_at_raw, rating, fav_count_raw), 4096)
+        SELECT CAST({day} AS DATE), 'posts', 'typing', NULL,
+               left(coalesce(id_raw, CAST(id AS VARCHAR)), 64), reason,
+               left(concat_ws(',', coalesce(id_raw, CAST(id AS VARCHAR)),
+                              coalesce(created_at_raw, CAST(created_at AS VARCHAR)), rating,
+                              coalesce(fav_count_raw, CAST(fav_count AS VARCHAR))), 4096)
         FROM {table} WHERE reason IS NOT NULL
         """
     )

@@ -15,7 +15,7 @@ from e6score_dagster.model.data import FeatureLayout
 from e6score_dagster.model.network import CATEGORY_CODES, UPLOADER_CATEGORY
 from e6score_dagster.resources import StateDir
 from e6score_dagster.schema import SITE_LAUNCH, column_description
-from e6score_dagster.sql import post_tags_sql
+from e6score_dagster.sql import tag_count_sql, tag_tokens_sql
 from e6score_dagster.store import query_progress
 
 FILE_EXTS = ("jpg", "png", "gif", "webp", "webm", "mp4", "swf")  # index 0 is "other"
@@ -52,7 +52,7 @@ NUMERIC_FEATURES: dict[str, str] = {
     "log_age_days": f"ln(1 + {AGE_DAYS_SQL})",
     "log_age": LOG_AGE_SQL,
     **age_basis_sql(),
-    "log_tag_count": f"ln(1 + len({post_tags_sql('c.tag_string')}))",
+    "log_tag_count": f"ln(1 + {tag_count_sql('c.tag_string')})",
     "log_artist_tags": "ln(1 + coalesce(a.n_artist, 0))",
     "log_character_tags": "ln(1 + coalesce(a.n_character, 0))",
     "log_species_tags": "ln(1 + coalesce(a.n_species, 0))",
@@ -118,7 +118,7 @@ def feature_sql(dump_date: str, config: FeatureConfig) -> str:
     return f"""
     WITH pt AS (
         SELECT p.id, v.tag_index, v.category, v.freq
-        FROM (SELECT id, unnest({post_tags_sql()}) AS name FROM cleaned_posts) p
+        FROM (SELECT id, unnest({tag_tokens_sql()}) AS name FROM cleaned_posts) p
         JOIN tag_vocabulary v USING (name)
     ),
     a AS (

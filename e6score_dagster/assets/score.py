@@ -21,7 +21,7 @@ from e6score_dagster.model import (
     use_compilation_cache,
 )
 from e6score_dagster.plots import histogram_md
-from e6score_dagster.report import run_summary_lines
+from e6score_dagster.report import comparison_table_md, run_summary_lines
 from e6score_dagster.resources import DB_FILE, StateDir
 from e6score_dagster.schema import POSTS_ALL_COLUMNS
 from e6score_dagster.sql import ident
@@ -138,6 +138,15 @@ def _log_run_summary(log, state: StateDir, dump_date: str, posts: int) -> None:
     log("\n".join(lines))
 
 
+def model_comparison(params_info: dict) -> dict:
+    """The comparison table of the params these scores come from, so scored_posts also leads
+    with what the model is worth."""
+    table, chosen = params_info.get("table"), params_info.get("chosen_candidate")
+    if not table or not chosen:
+        return {}
+    return {"model_comparison": dg.MetadataValue.md(comparison_table_md(table, chosen))}
+
+
 def score_summary(conn, table: str) -> dict:
     summary = conn.execute(
         f"SELECT avg(fav_score), median(fav_score), corr(fav_score, fav_zscore) FROM {table}"
@@ -193,6 +202,7 @@ def scored_posts(
         if st.reuse:
             _log_run_summary(context.log.info, state, st.dump_date, st.reuse.info.get("rows", 0))
             return st.reused_result(
+                **model_comparison(st.inputs["fitted_params"].info),
                 export_path=dg.MetadataValue.path(str(export)),
                 parquet_export_path=dg.MetadataValue.path(str(parquet_export)),
             )
@@ -222,6 +232,7 @@ def scored_posts(
             info={"params": params, "rows": n_scored, "export": str(export)},
             checks=[check],
             metadata={
+                **model_comparison(st.inputs["fitted_params"].info),
                 "params_path": dg.MetadataValue.path(params),
                 "export_path": dg.MetadataValue.path(str(export)),
                 "parquet_export_path": dg.MetadataValue.path(str(parquet_export)),

@@ -17,7 +17,7 @@ from e6score_dagster.csv_read import (
 )
 from e6score_dagster.resources import StateDir
 from e6score_dagster.schema import TAG_CATEGORIES, TAGS_COLUMNS
-from e6score_dagster.sql import post_tags_sql
+from e6score_dagster.sql import tag_tokens_sql
 
 
 class VocabularyConfig(dg.Config):
@@ -50,7 +50,8 @@ def stage_vocabulary(conn, tags_path: Path, config: VocabularyConfig, table: str
         CREATE OR REPLACE TABLE {table} AS
         WITH freq AS (
             SELECT tag AS name, count(*) AS freq
-            FROM (SELECT unnest({post_tags_sql()}) AS tag FROM cleaned_posts) GROUP BY tag
+            FROM (SELECT unnest({tag_tokens_sql()}) AS tag FROM cleaned_posts)
+            WHERE tag <> '' GROUP BY tag
         ),
         ranked AS (
             SELECT f.name, f.freq, coalesce(t.category, -1) AS category,
