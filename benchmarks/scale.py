@@ -197,34 +197,39 @@ def machine() -> str:
 
 FINDINGS = """## What the measurements show
 
-- **Whole chain at 6M posts**: within 15 minutes (step times; `raw_dump` here copies and
-  verifies the 1.7 GB dump from a local folder, which stands in for the download). Every step
-  stays under 4 GB peak RSS: DuckDB runs with a 3 GB memory limit and spills to
-  `$E6SCORE_HOME/tmp/duckdb`; training and scoring stream the Parquet matrix by row groups.
-- **Cost grows linearly** from 1M to 6M posts in every step (about 6-7x), except training,
-  whose early stopping decides the number of steps by the validation slice.
-- **`cleaned_posts` against the bare scan: missed (about 4.6x at 1M and 6M posts, target
-  1.5x).** Profiled at 1M posts with DuckDB alone: the bare `count(*)` scan takes 5.7 s (gzip
-  decompression, one thread); reading every column as text and aggregating it, 6.0 s; typing
-  every column (timestamps, integers, booleans, the tag array) without storing it, 14.3 s;
-  storing the untyped text as a DuckDB table, 14.0 s. Typing and storing each cost about as
-  much as the scan, so a persistent typed table cannot come within 1.5x of a scan that stores
-  and types nothing. The step used to stage a typed temporary table and copy it (27.8 s); it
-  now writes the table once (6M posts: 256 s -> 180 s, peak RSS 3.6 -> 3.3 GB). What would
-  remove the rest: not storing the bulky text columns (`description`, `source`, `tag_string`)
-  in DuckDB at all, since only the CSV export needs them; the export would join them back
-  from the dump file, and the step would be the scan plus typing of the narrow columns.
-- **Training is bound by the hashed-embedding gathers and their gradient scatter-adds, not by
-  matrix FLOPs**: XLA counts 0.41 GFLOP per step of 2,048 posts, run at about 6.5 GFLOP/s on
-  a machine that does about 150 GFLOP/s of dense matmul. The loader is not the bottleneck:
-  the deep stage waits for data under 1% of its time at 1M and 6M (the 100k figure is JAX's
-  compilation and start-up over only 40 steps). What would speed it up: fewer gathered rows
-  per post (one probe instead of two roughly doubles forward throughput, at the price of more
-  harmful hash collisions) or a GPU (the same code).
-- **Scoring**: about 56,000 posts/s at 6M posts (the forward pass; the Parquet reader runs on
-  a prefetch thread). The CSV export, formerly gzip inside DuckDB on one thread (about 60 s
-  per million posts), is now written by DuckDB as plain CSV on all threads and compressed with
-  ISA-L gzip on every core: 69 s for 6M posts.
+The 1M run was re-measured on 2026-11-30 with model selection (four candidates), cross-fitting
+(K = 3) and the cleaning below; the 100k and 6M columns are from before both (2026-11-29) and
+have not been re-run.
+
+- **`cleaned_posts`: 1.77x the bare scan at 1M posts (target 2x, met; 6M not re-measured).**
+  Profiled on a 300k-post dump with DuckDB alone (`count(*)` scan 1.9-2.2 s): the typed table
+  with every column and the tag array took 13.7 s; without the tag array 5.9 s (a list of ~30
+  strings per post costs more to build and store than the whole CSV parse); with the free-text
+  columns (`md5`, `source`, `tag_string`, `locked_tags`, `description`) stored uncompressed
+  3.4 s (DuckDB's string compression is the rest of the cost; the DuckDB file grows by about
+  130 MB per 300k posts); keeping the raw text of `id`, `created_at` and `fav_count` only for
+  rows whose typing fails 3.1 s. The tag array is now split from `tag_string` where it is read:
+  `tag_vocabulary` 3.0 -> 4.5 s and `feature_matrix` 17.4 -> 19.8 s at 1M, so cleaning,
+  vocabulary and features together went from 46.4 to 35.7 s. `top`'s tag filters search whole
+  words in `tag_string` (1.4 s at 1M posts with `--tags` and `--exclude-tags`).
+- **Whole chain at 1M posts: 152 s of step time, 198 s with one CLI process per step, peak
+  3.2 GB (targets 100 s and 2.5 GB: missed).** `fitted_params` is 91 s of it: selection fits
+  four candidates without fold 0 (constant 7 s, linear 11 s, additive 15 s, deep 18 s, plus
+  their validation and hold-out metrics), then refits the chosen one without each other fold
+  (14-15 s each). What would remove most of it: refit the folds warm-started from the
+  selection fit (a fraction of the steps), skip the deep candidate when it starts from a fit it
+  cannot improve (its best step was 0 here), and run the folds in parallel where there are
+  cores or a GPU. The peak is `scored_posts` (the CSV and Parquet exports in DuckDB, 3 GB
+  memory limit); a 2 GB limit for that step would bring it under 2.5 GB by spilling.
+- **Deep stage: 30.8k posts/s at 1M on 2 cores (target 60k: missed).** The loop itself is no
+  longer the limit (0.21 ms of host overhead per step, `TRAIN_LOOP.md`): the step is bound by
+  the hashed-embedding gathers and their scatter-adds, not by matrix FLOPs. No GPU was lent to
+  this project's sessions, so the H200 targets are unmeasured; `benchmarks/train_loop.py`
+  runs the model package alone on a feature matrix for that.
+- **From the 2026-11-29 runs (before these changes):** the 6M chain took 880 s of step time
+  with every step under 3.6 GB; cost grows about linearly from 1M to 6M in every step; scoring
+  ran 56k posts/s at 6M; the CSV export (DuckDB writes plain CSV on all threads, ISA-L gzip on
+  every core) took 69 s for 6M posts.
 """
 
 
@@ -239,9 +244,9 @@ def write_md(runs: list[dict]) -> None:
         "`/usr/bin/time -v`, in chain order, from an empty `E6SCORE_HOME`; the dump comes from a",
         "local folder (download and dump generation excluded). *Step* is Dagster's step time;",
         "*process* adds the CLI's start-up (about 4 s of imports). Peak RSS is per process.",
-        "`cleaned_posts` and the bare scan were re-measured after the step was changed to write",
-        "its table once (`--steps cleaned_posts`, same dumps); the other steps are from the full",
-        "runs.",
+        "Steps changed after a full run were re-measured in it with `--steps NAME ...` (same",
+        "dump, same home): at 1M, `cleaned_posts` to `scored_posts` after the cleaning change.",
+        "FLOPs per step are those of the published model's architecture.",
         "",
         f"Machine: {runs[-1]['machine']}.",
         "",
