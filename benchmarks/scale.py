@@ -83,15 +83,19 @@ def step_flops(home: Path) -> dict:
     }
 
 
-def latest_metadata(dagster_home: Path, asset: str) -> dict:
-    """The newest materialisation's metadata, as plain values."""
+def latest_metadata(dagster_home: Path, asset: str, key: str = "posts_per_second") -> dict:
+    """The newest materialisation's metadata that has `key` (a build, not a reuse), as plain
+    values."""
     import dagster as dg
 
-    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    os.environ["DAGSTER_HOME"] = str(dagster_home.resolve())
     with dg.DagsterInstance.get() as instance:
-        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-    meta = event.asset_materialization.metadata if event else {}
-    return {k: getattr(v, "value", v) for k, v in meta.items()}
+        records = instance.fetch_materializations(dg.AssetKey(asset), limit=50).records
+    for record in records:  # newest first
+        meta = record.asset_materialization.metadata if record.asset_materialization else {}
+        if key in meta:
+            return {k: getattr(v, "value", v) for k, v in meta.items()}
+    return {}
 
 
 def run_env(home: Path, source: Path) -> dict[str, str]:
@@ -132,8 +136,7 @@ def measure(posts: int, seed: int) -> dict:
     label = f"{posts:,} posts"
     home = WORK / f"scale-{posts}-s{seed}"
     shutil.rmtree(home, ignore_errors=True)
-    dagster_home = home / "dagster_home"
-    dagster_home.mkdir(parents=True)
+    (home / "dagster_home").mkdir(parents=True)
     env = run_env(home, source)
     scan_s = scan_seconds(source)
     steps = {}
@@ -141,11 +144,6 @@ def measure(posts: int, seed: int) -> dict:
         name = asset.key.to_user_string()
         steps[name] = run_step(name, env, home)
         print(f"{label}: {name} {steps[name]}", flush=True)
-    train_meta = latest_metadata(dagster_home, "fitted_params")
-    score_meta = latest_metadata(dagster_home, "scored_posts")
-    flops = step_flops(home)
-    gflops = matmul_gflops()
-    step_s = flops["batch_size"] / train_meta["posts_per_second"]
     return {
         "label": label,
         "posts": posts,
@@ -156,6 +154,19 @@ def measure(posts: int, seed: int) -> dict:
         "bare_scan_s": round(scan_s, 2),
         "steps": steps,
         **chain_totals(steps),
+        **model_figures(home),
+        "machine": machine(),
+    }
+
+
+def model_figures(home: Path) -> dict:
+    """Training and scoring figures of the run's newest fitted_params and scored_posts."""
+    dagster_home = home / "dagster_home"
+    train_meta = latest_metadata(dagster_home, "fitted_params")
+    score_meta = latest_metadata(dagster_home, "scored_posts")
+    flops = step_flops(home)
+    step_s = flops["batch_size"] / train_meta["posts_per_second"]
+    return {
         "training": {
             "posts_per_second": train_meta["posts_per_second"],
             "train_seconds": train_meta["train_seconds"],
@@ -167,7 +178,7 @@ def measure(posts: int, seed: int) -> dict:
             "flops_per_step": flops["flops_per_step"],
             "batch_size": flops["batch_size"],
             "achieved_gflops": round(flops["flops_per_step"] / step_s / 1e9, 2),
-            "matmul_gflops": round(gflops, 1),
+            "matmul_gflops": round(matmul_gflops(), 1),
             "holdout_nll": train_meta.get("holdout_nll"),
             "holdout_linear_nll": train_meta.get("candidate_metrics", {})
             .get("linear", {})
@@ -178,7 +189,6 @@ def measure(posts: int, seed: int) -> dict:
             "score_seconds": score_meta.get("score_seconds"),
             "export_seconds": score_meta.get("export_seconds"),
         },
-        "machine": machine(),
     }
 
 
@@ -198,10 +208,12 @@ def machine() -> str:
 FINDINGS = """## What the measurements show
 
 The 1M run was re-measured on 2026-11-30 with model selection (four candidates), cross-fitting
-(K = 3) and the cleaning below; the 100k and 6M columns are from before both (2026-11-29) and
-have not been re-run.
+(K = 3), `weight_decay` 1.0, the cleaning below and DuckDB's memory limit at 2 GB (was 3 GB);
+the 100k and 6M columns are from before all of these (2026-11-29) and have not been re-run.
+The machine ran about a third faster late in the session than early (the bare scan of the
+same file took 6.4 s, then 4.7 s): compare a step with the scan measured beside it.
 
-- **`cleaned_posts`: 1.77x the bare scan at 1M posts (target 2x, met; 6M not re-measured).**
+- **`cleaned_posts`: 1.8x the bare scan at 1M posts (target 2x, met; 6M not re-measured).**
   Profiled on a 300k-post dump with DuckDB alone (`count(*)` scan 1.9-2.2 s): the typed table
   with every column and the tag array took 13.7 s; without the tag array 5.9 s (a list of ~30
   strings per post costs more to build and store than the whole CSV parse); with the free-text
@@ -212,20 +224,24 @@ have not been re-run.
   `tag_vocabulary` 3.0 -> 4.5 s and `feature_matrix` 17.4 -> 19.8 s at 1M, so cleaning,
   vocabulary and features together went from 46.4 to 35.7 s. `top`'s tag filters search whole
   words in `tag_string` (1.4 s at 1M posts with `--tags` and `--exclude-tags`).
-- **Whole chain at 1M posts: 152 s of step time, 198 s with one CLI process per step, peak
-  3.2 GB (targets 100 s and 2.5 GB: missed).** `fitted_params` is 91 s of it: selection fits
-  four candidates without fold 0 (constant 7 s, linear 11 s, additive 15 s, deep 18 s, plus
-  their validation and hold-out metrics), then refits the chosen one without each other fold
-  (14-15 s each). What would remove most of it: refit the folds warm-started from the
-  selection fit (a fraction of the steps), skip the deep candidate when it starts from a fit it
-  cannot improve (its best step was 0 here), and run the folds in parallel where there are
-  cores or a GPU. The peak is `scored_posts` (the CSV and Parquet exports in DuckDB, 3 GB
-  memory limit); a 2 GB limit for that step would bring it under 2.5 GB by spilling.
-- **Deep stage: 30.8k posts/s at 1M on 2 cores (target 60k: missed).** The loop itself is no
-  longer the limit (0.21 ms of host overhead per step, `TRAIN_LOOP.md`): the step is bound by
-  the hashed-embedding gathers and their scatter-adds, not by matrix FLOPs. No GPU was lent to
-  this project's sessions, so the H200 targets are unmeasured; `benchmarks/train_loop.py`
-  runs the model package alone on a feature matrix for that.
+- **Whole chain at 1M posts: 130 s of step time, 166 s with one CLI process per step (target
+  100 s: missed); peak RSS 2,528 MB (target 2,560 MB: met, after lowering DuckDB's memory
+  limit from 3 GB to 2 GB, which took `scored_posts` from 3,237 MB to 2,528 MB).**
+  `fitted_params` is 77 s of it: selection fits four candidates without fold 0 (48 s: constant
+  4 s, linear 8 s, additive 12 s, deep 10 s, plus validation and hold-out metrics for each),
+  then refits the chosen one without each other fold (13 s and 12 s). What would remove most
+  of it: refit the folds warm-started from the selection fit (a fraction of the steps), skip
+  the deep candidate when it cannot improve on its start (best step 0 here), and run the folds
+  in parallel where there are cores or a GPU. Chosen: additive, held-out NLL 1.5002 against
+  1.5227 for linear (with `weight_decay` 1e-4 linear had 1.5023 here: the decay chosen on the
+  100k worlds over-regularises the linear fit at 1M, a sign that the penalty should scale
+  with the data, not be one number).
+- **Deep stage: 57k posts/s at 1M on 2 cores (target 60k: just missed;** 31k in the run an
+  hour earlier, on the slower machine). The loop itself is no longer the limit (0.21 ms of
+  host overhead per step, `TRAIN_LOOP.md`): the step is bound by the hashed-embedding gathers
+  and their scatter-adds, not by matrix FLOPs. No GPU was lent to this project's sessions,
+  so the H200 targets are unmeasured; `benchmarks/train_loop.py` runs the model package
+  alone on a feature matrix for that.
 - **From the 2026-11-29 runs (before these changes):** the 6M chain took 880 s of step time
   with every step under 3.6 GB; cost grows about linearly from 1M to 6M in every step; scoring
   ran 56k posts/s at 6M; the CSV export (DuckDB writes plain CSV on all threads, ISA-L gzip on
@@ -371,6 +387,8 @@ def remeasure(record: dict, names: list[str]) -> dict:
         record["steps"][name] = {**step, "remeasured": time.strftime("%Y-%m-%d %H:%M")}
         print(f"{record['label']}: {name} {record['steps'][name]}", flush=True)
     record.update(chain_totals(record["steps"]))
+    if {"fitted_params", "scored_posts"} & set(names):
+        record.update(model_figures(home))
     return record
 
 

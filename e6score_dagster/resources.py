@@ -161,7 +161,7 @@ class QualityGates(dg.ConfigurableResource):
     max_post_count_drop: float = 0.2
 
 
-def duckdb_resource(home: Path, memory_limit: str = "3GB") -> DuckDBResource:
+def duckdb_resource(home: Path, memory_limit: str = "2GB") -> DuckDBResource:
     """Bounded memory and a spill folder, so DuckDB stays out of core on full-size dumps."""
     tmp = home / "tmp" / "duckdb"  # created by get_connection
     return LockedDuckDBResource(
