@@ -1,5 +1,6 @@
-"""The terminal's view of a run: a deliberate failure (`dagster.Failure`: a wrong source, a
-refused download, a blocked check) is one line saying what is wrong and what to do.
+"""The terminal's view of a run: a deliberate failure (`dagster.Failure`: a wrong or unreachable
+source, a refused or corrupt download, a home that cannot be written) is one line saying what
+is wrong and what to do.
 
 Dagster's console logger prints every failure with its framework stack, and then the same
 stack again for the run, so the one useful line drowns. Unexpected errors keep their stack:
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import logging
 
-import coloredlogs
 import dagster as dg
 
 # Dagster's own console format, so the lines read as they always did.
@@ -70,7 +70,8 @@ class OneLineFailures(logging.Filter):
 def console_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
     config = init_context.logger_config
     logger = logging.Logger(config["name"], level=config["log_level"])
-    coloredlogs.install(logger=logger, level=config["log_level"], fmt=FORMAT, datefmt=DATE_FORMAT)
-    for handler in logger.handlers:
-        handler.addFilter(OneLineFailures())
+    handler = logging.StreamHandler()  # stderr, as Dagster's own console logger
+    handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+    handler.addFilter(OneLineFailures())
+    logger.addHandler(handler)
     return logger
