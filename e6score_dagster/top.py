@@ -257,7 +257,9 @@ def top_posts(
 def _has_tags_sql(tags: list[str], join: str) -> str:
     """Whether `c.tag_string` holds the bound tags (all: " AND ", any: " OR "), as a word search
     in the space-separated string: no per-post list, so it stays fast at millions of posts."""
-    return join.join("contains(' ' || c.tag_string || ' ', ' ' || ? || ' ')" for _ in tags)
+    return join.join(
+        "contains(' ' || coalesce(c.tag_string, '') || ' ', ' ' || ? || ' ')" for _ in tags
+    )
 
 
 def _warn_unknown(

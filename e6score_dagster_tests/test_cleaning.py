@@ -11,11 +11,13 @@ from e6score_dagster.assets.clean import cleaned_posts
 from e6score_dagster.assets.ingest import raw_dump
 from e6score_dagster.resources import QualityGates
 from e6score_dagster.schema import POSTS_COLUMNS
-from e6score_dagster.sql import post_tags_sql
+from e6score_dagster.sql import tag_tokens_sql
 from e6score_dagster_tests.conftest import materialize, post_row, write_dump
 
 DATE = "2025-01-02"
-POST_TAGS = post_tags_sql()  # how every consumer reads a post's tags
+# A post's distinct, non-empty tags, split as the bulk readers split `tag_string`.
+_TOKENS = tag_tokens_sql("coalesce(tag_string, '')")
+POST_TAGS = f"list_distinct(list_filter({_TOKENS}, lambda t: t <> ''))"
 TAGS = [["1", "fox", "5", "3"], ["2", "solo", "0", "2"], ["3", "artist_x", "1", "1"]]
 
 DESCRIPTION = 'Line one, with "quotes"\nline two ✓ 日本語 émoji 🦊\n\n"quoted start'

@@ -15,11 +15,13 @@ import pandas as pd
 import pytest
 
 import e6score_dagster.top as top_module
-from e6score_dagster.sql import post_tags_sql
+from e6score_dagster.sql import tag_tokens_sql
 from e6score_dagster.top import main, search_urls, top_posts
 from e6score_dagster_tests.conftest import DUMP_DATE, materialize
 
 REPO = Path(__file__).resolve().parents[1]
+
+TOKENS = tag_tokens_sql("coalesce(tag_string, '')")  # a post without tags: []
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def conn(home):
 def scored(home) -> pd.DataFrame:
     with duckdb.connect(str(home / "e6score.duckdb"), read_only=True) as c:
         df = c.execute("SELECT * FROM scored_posts").df()
-        tags = c.execute(f"SELECT id, {post_tags_sql()} AS tags FROM cleaned_posts").df()
+        tags = c.execute(f"SELECT id, list_filter({TOKENS}, lambda t: t <> '') "
+                         "AS tags FROM cleaned_posts").df()
     df = df.merge(tags, on="id", how="left", validate="one_to_one")
     df["key"] = df["fav_score"] * np.log1p(df["fav_count"])
     return df
