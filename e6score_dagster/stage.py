@@ -211,8 +211,8 @@ class Stage:
         it writes (`rejected_rows`) as `<table>_columns`, so the UI describes it too."""
         meta: dict[str, Any] = {}
         with self.duckdb.get_connection() as conn:
-            for i, table in enumerate(t for t in tables if table_exists(conn, t)):
-                if i == 0 and table == tables[0]:
+            for table in (t for t in tables if table_exists(conn, t)):
+                if table == tables[0]:
                     meta.update(table_metadata(conn, table))
                 else:
                     meta[f"{table}_columns"] = column_schema(conn, table)
