@@ -130,12 +130,23 @@ def test_a_posts_own_favourites_do_not_move_its_own_expectation(tmp_path, folds)
 
 
 def test_a_broken_fit_is_blocked_and_a_worse_one_loses_to_the_params_in_use(additive_world):
-    path, _, layout, selection = additive_world
-    # Learning rate 0: all candidates equal the constant; selection picks it; the gate blocks.
-    broken = select_and_crossfit(dataclasses.replace(CONFIG, learning_rate=0.0, folds=2),
-                                 layout, path, log=_quiet)
+    path, table, layout, selection = additive_world
+    # Broken training (gradient steps of size 0): every candidate equals the constant,
+    # selection picks it, and the gate blocks.
+    broken = select_and_crossfit(
+        dataclasses.replace(CONFIG, learning_rate=0.0, folds=2, additive_solver="sgd"),
+        layout, path, log=_quiet)
     assert broken.chosen == "constant"
     decision = gate(broken, None)
+    assert not decision.passed and "not better than a constant" in decision.reason
+    # Broken data (favourites shuffled against the metadata): the exact solves find nothing
+    # to learn and the gate blocks whatever was chosen.
+    order = np.random.default_rng(5).permutation(table.num_rows)
+    noise = path.with_name("shuffled.parquet")
+    pq.write_table(table.set_column(2, "y", table.column("y").take(order)), noise)
+    shuffled = select_and_crossfit(dataclasses.replace(CONFIG, folds=2), layout, noise,
+                                   log=_quiet)
+    decision = gate(shuffled, None)
     assert not decision.passed and "not better than a constant" in decision.reason
     # The good fit is in use; a fit without the tags (one hashed row) is worse on the same
     # hold-out by more than the tolerance and is blocked; the good one passes against itself.

@@ -44,6 +44,11 @@ class ModelConfig:
     baseline_epochs: int = 1
     baseline_min_steps: int = 1200
     warm_start: bool = True
+    # How the additive candidates are fitted: "ridge" solves them exactly with prior scales
+    # per tag group set by the evidence (`ridge.py`, at most `evidence_rounds` solves);
+    # "sgd" trains them like the deep stage (AdamW, early stopping; the weight decay above).
+    additive_solver: str = "ridge"
+    evidence_rounds: int = 8
     # Model selection and cross-fitting (`select.select_and_crossfit`): the candidates are
     # fitted on every fold but fold 0 and the one with the best validation NLL is refitted
     # without each other fold; every post is scored by the model that never saw it.

@@ -23,6 +23,7 @@ from e6score_dagster.model.data import FeatureLayout, ParquetBatches
 from e6score_dagster.model.metrics import predictive_metrics
 from e6score_dagster.model.network import WARM_FROZEN, warm_start
 from e6score_dagster.model.params import Fitted
+from e6score_dagster.model.ridge import train_ridge
 from e6score_dagster.model.train import (
     Log,
     TrainResult,
@@ -63,6 +64,7 @@ class CandidateFit:
     seconds: float
     posts_per_second: float
     base: str | None = None  # the additive candidate the deep stage started from
+    prior_precision: dict[int, float] = field(default_factory=dict)  # exact fits, per group
 
 
 @dataclass
@@ -164,7 +166,10 @@ def _fit(
     validation: ParquetBatches,
     log: Log,
     base: dict | None = None,
+    warm: tuple[dict, dict[int, float]] | None = None,
 ) -> tuple[dict, TrainResult | None]:
+    """One candidate's params (and its training record); `base` is the additive fit the deep
+    stage starts from, `warm` an earlier exact fit that starts an additive one."""
     cfg = candidate_config(config, name)
     if name == "constant":
         return _constant(cfg, layout, validation), None
@@ -177,7 +182,10 @@ def _fit(
                 cfg, layout, data, log, validation=validation, init=init, frozen=WARM_FROZEN
             )
         return result.params, result
-    result = train(cfg, layout, data, log, validation=validation)
+    if cfg.additive_solver == "ridge":
+        result = train_ridge(cfg, layout, data, validation, log, warm)
+    else:
+        result = train(cfg, layout, data, log, validation=validation)
     return result.params, result
 
 
@@ -224,7 +232,8 @@ def select_and_crossfit(
         log(f"candidate {name}" + (f" (on top of {base_name})" if base_name else ""))
         t_fit = time.perf_counter()
         base = params_of.get(base_name) if base_name else None
-        params, result = _fit(name, config, layout, data, validation, log, base)
+        warm = (params_of["linear"], {}) if name == "additive" and "linear" in fits else None
+        params, result = _fit(name, config, layout, data, validation, log, base, warm)
         cfg = candidate_config(config, name)
         params_of[name] = params
         fits[name] = CandidateFit(
@@ -239,6 +248,7 @@ def select_and_crossfit(
             seconds=result.seconds if result else time.perf_counter() - t_fit,
             posts_per_second=result.posts_per_second if result else 0.0,
             base=base_name,
+            prior_precision=result.prior_precision if result else {},
         )
         log(
             f"candidate {name}: validation NLL {fits[name].validation.get('nll', float('nan')):.4f}"
@@ -252,10 +262,14 @@ def select_and_crossfit(
         t_fold = time.perf_counter()
         log(f"cross-fitting {chosen} without fold {k} of {k_folds}")
         fdata, fval = _datasets(config, layout, matrix, (k, k_folds))
+        # Every fold's fit starts from fold 0's (the same rows but two folds' worth).
         base = None
         if chosen == "deep" and chosen_fit.base:
-            base, _ = _fit(chosen_fit.base, config, layout, fdata, fval, log)
-        params, _ = _fit(chosen, config, layout, fdata, fval, log, base)
+            first = fits[chosen_fit.base]
+            warm = (first.params, first.prior_precision)
+            base, _ = _fit(first.name, config, layout, fdata, fval, log, warm=warm)
+        warm = (chosen_fit.params, chosen_fit.prior_precision) if chosen in ADDITIVE else None
+        params, _ = _fit(chosen, config, layout, fdata, fval, log, base, warm)
         fold_params.append(params)
         fold_seconds.append(time.perf_counter() - t_fold)
     holdout = out_of_fold_metrics(chosen_fit.config, layout, fold_params, matrix)

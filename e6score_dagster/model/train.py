@@ -99,6 +99,8 @@ class TrainResult:
     sigma_calibration: float = 1.0  # the factor fitted on the validation slice
     eval_seconds: float = 0.0
     device: str = ""  # what JAX ran it on, e.g. "cpu" or "NVIDIA H200"
+    # The exact (ridge) fits: each tag group's prior precision, for warm starts and reports.
+    prior_precision: dict[int, float] = field(default_factory=dict)
 
 
 class NonFiniteLossError(FloatingPointError):

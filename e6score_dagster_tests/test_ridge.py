@@ -1,0 +1,111 @@
+"""The exact additive fits (`model.ridge`): they predict what the network does with their
+params, and the evidence gives each tag category the prior its effects call for."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from e6score_dagster.model import FeatureLayout, ModelConfig, ParquetBatches
+from e6score_dagster.model.network import CATEGORY_CODES
+from e6score_dagster.model.ridge import cached_design, tag_groups, theta_of, train_ridge
+from e6score_dagster.model.train import evaluate, predict
+
+CONFIG = ModelConfig(architecture="additive", hash_bits=10)
+MAX_TAGS = 12
+ARTIST, GENERAL = 2, 1  # tag-code categories: e621 category + 1
+N_TAGS = 600  # vocabulary indices 1..600; the 300 most frequent get dense rows
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Log-favourites = artist effects (sd 0.8) + general-tag effects (sd 0.03) + noise."""
+    rng = np.random.default_rng(3)
+    n = 12000
+    index = np.arange(1, N_TAGS + 1)
+    category = np.where(index % 3 == 0, ARTIST, GENERAL)
+    effect = np.where(category == ARTIST, rng.normal(0, 0.8, N_TAGS), rng.normal(0, 0.03, N_TAGS))
+    # Zipf-like frequencies: low indices are common.
+    pick = np.minimum(rng.zipf(1.3, (n, MAX_TAGS)), N_TAGS)
+    keep = np.arange(MAX_TAGS)[None, :] < rng.integers(2, MAX_TAGS + 1, n)[:, None]
+    pick = np.where(keep, pick, 0)
+    codes = np.where(pick > 0, pick * CATEGORY_CODES + category[np.maximum(pick, 1) - 1], 0)
+    y = 2.0 + np.where(pick > 0, effect[np.maximum(pick, 1) - 1], 0).sum(1) + rng.normal(0, 0.5, n)
+    ids = np.arange(1, n + 1) * 7
+    table = pa.table({
+        "id": ids,
+        "fav_count": np.round(np.expm1(np.maximum(y, 0))).astype(np.int64),
+        "y": y.astype(np.float32),
+        "tags": pa.array(list(codes.astype(np.int32)), type=pa.list_(pa.int32())),
+        "rating_idx": rng.integers(0, 3, n).astype(np.int8),
+        "ext_idx": rng.integers(0, 8, n).astype(np.int8),
+        "t_upload_years": rng.uniform(0, 19, n).astype(np.float32),
+        "holdout": (ids % 10) == 0,
+        "trainable": np.ones(n, bool),
+    })
+    path = tmp_path_factory.mktemp("ridge") / "matrix.parquet"
+    pq.write_table(table, path, row_group_size=2000)
+    train_y = y[(ids % 10) != 0]
+    layout = FeatureLayout(
+        numeric=("t_upload_years",), max_tags=MAX_TAGS, n_ext=8, n_rating=3,
+        y_mean=float(train_y.mean()), y_std=float(train_y.std()),
+        numeric_mean=(9.5,), numeric_std=(5.5,), extra={"dense_tags": 301},
+    )
+    data = ParquetBatches(path, layout, 512, rows="train", validation_fraction=0.15)
+    val = ParquetBatches(path, layout, 512, rows="validation", validation_fraction=0.15)
+    return path, layout, data, val
+
+
+def test_the_network_predicts_exactly_what_the_solve_did(world):
+    path, layout, data, val = world
+    result = train_ridge(CONFIG, layout, data, val, log=_quiet)
+    d = cached_design(data.load(), CONFIG, layout)
+    solved = layout.y_mean + layout.y_std * d.predict(theta_of(result.params))
+    y, mu, _ = predict(CONFIG, layout, result.params,
+                       ParquetBatches(path, layout, 512, rows="train", validation_fraction=0.15))
+    np.testing.assert_allclose(mu, solved, atol=1e-3)
+    np.testing.assert_allclose(y, data.load()["y"])
+    # The dense rows belong to single tags; the long tail is hashed into shared rows.
+    groups = tag_groups(d, by_category=True)
+    assert {int(g) for g in groups[1:301] if g >= 0} <= {ARTIST * 2 + 1, GENERAL * 2 + 1}
+    assert (groups[301:] >= 0).any() and not d.row_dense[301:].any()
+
+
+def test_the_evidence_gives_artists_a_wide_prior_and_general_tags_a_narrow_one(world):
+    path, layout, data, val = world
+    additive = train_ridge(CONFIG, layout, data, val, log=_quiet)
+    prior = additive.prior_precision
+    # Dense artists' effects vary ~25x more (in sd) than dense general tags': their prior
+    # precision must be far lower.
+    assert prior[ARTIST * 2 + 1] * 20 < prior[GENERAL * 2 + 1]
+    linear_cfg = dataclasses.replace(CONFIG, architecture="linear")
+    linear = train_ridge(linear_cfg, layout, data, val, log=_quiet)
+    assert len(linear.prior_precision) == 1
+    held = ParquetBatches(path, layout, 512, rows="holdout")
+    m_add = evaluate(CONFIG, layout, additive.params, held)
+    m_lin = evaluate(linear_cfg, layout, linear.params, held)
+    assert m_add["nll"] < m_lin["nll"] - 0.01
+    assert m_add["nll"] < m_add["constant_nll"] - 0.5
+    # The validation curve is one point per evidence round; the best round's params are kept.
+    best = min(additive.validation, key=lambda v: v["nll"])
+    assert additive.best_step == best["step"]
+
+
+def test_a_warm_start_from_another_fold_lands_on_the_same_fit(world):
+    path, layout, data, val = world
+    cold = train_ridge(CONFIG, layout, data, val, log=_quiet)
+    other = ParquetBatches(path, layout, 512, rows="train", validation_fraction=0.15,
+                           exclude_fold=(1, 3))
+    first = train_ridge(CONFIG, layout, other, val, log=_quiet)
+    warm = train_ridge(CONFIG, layout, data, val, log=_quiet,
+                       warm=(first.params, first.prior_precision))
+    assert warm.validation[-1]["nll"] == pytest.approx(cold.validation[-1]["nll"], abs=2e-3)
+    assert warm.steps < cold.steps
