@@ -133,6 +133,9 @@ def _cli(home: Path, source: Path, training: dict) -> subprocess.Popen:
 
 def test_two_runs_at_once_do_not_collide(tmp_path, generated_dump):
     home = tmp_path / "home"
+    # Dagster's own instance storage (DAGSTER_HOME) exists before, as it does after any first
+    # use: two processes that both create its SQLite schema race inside Dagster, not here.
+    dg.DagsterInstance.get().dispose()
     runs = [_cli(home, generated_dump, QUICK_TRAINING) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in runs]
     assert [p.returncode for p in runs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
