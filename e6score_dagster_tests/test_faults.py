@@ -227,7 +227,8 @@ def test_diverging_training_fails_and_keeps_the_previous_params(tmp_path, genera
     fitted, scored = PIPELINE[4], PIPELINE[5]
     result = dg.materialize(
         PIPELINE, resources=resources, selection=[fitted.key, scored.key],
-        run_config=run_config({**QUICK_TRAINING, "learning_rate": 1e30, "grad_clip": 1e30}),
+        run_config=run_config({**QUICK_TRAINING, "learning_rate": 1e30, "grad_clip": 1e30,
+                               "additive_solver": "sgd"}),
         raise_on_error=False,
     )
     assert not result.success
@@ -278,9 +279,11 @@ def test_a_fit_no_better_than_a_constant_is_not_used(tmp_path, generated_dump):
     home = tmp_path / "home"
     assert _run(home, generated_dump).success
     before = _state(home)
-    # Learning rate 0: every candidate stays at its start, a constant mean with a calibrated
-    # scale. Selection picks the simplest of equals, the constant, which must not publish.
-    gate = _blocked(home, before, _refit(home, generated_dump, {"learning_rate": 0.0}))
+    # Gradient steps of size 0: every candidate stays at its start, a constant mean with a
+    # calibrated scale. Selection picks the simplest of equals, the constant, which must not
+    # publish.
+    training = {"learning_rate": 0.0, "additive_solver": "sgd"}
+    gate = _blocked(home, before, _refit(home, generated_dump, training))
     assert gate.metadata["chosen_candidate"].value == "constant"
     assert "not better than a constant" in gate.metadata["reason"].value
 
@@ -307,7 +310,8 @@ def test_sigkill_during_a_re_export_then_a_rerun(tmp_path, big_dump):
     export = home / "exports" / f"score-{D2}.csv.gz"
     export_bytes = export.read_bytes()
 
-    refit = {**QUICK_BIG, "seed": 1}  # another version of the params, the same dump date
+    # Another version of the params (a single evidence round), the same dump date.
+    refit = {**QUICK_BIG, "evidence_rounds": 1}
     _kill_during(_cli(home, big_dump, refit), "scored_posts", "compressing the export", 0.2)
     after = _state(home)
     assert after["lineage"]["scored_posts"] == before["lineage"]["scored_posts"]

@@ -279,3 +279,16 @@ def test_early_stopping_stops_when_validation_stops_improving(tmp_path):
     assert result.steps < 40 * data.steps()
     nlls = [v["nll"] for v in result.validation]
     assert nlls[-1] >= min(nlls[:-1])  # stopped right after a scoring that did not improve
+
+
+def test_params_from_before_the_scale_correction_still_load_and_score(tmp_path, fitted):
+    """A params file written before the models had a `scale` kernel scores as it did then:
+    one scale for every post."""
+    path, layout, result = fitted
+    old = {k: v for k, v in result.params.items() if k != "scale"}
+    save_params(tmp_path / "old.msgpack", Fitted(old, CONFIG, layout))
+    loaded = load_params(tmp_path / "old.msgpack")
+    assert not loaded.params["scale"]["kernel"].any()
+    held = ParquetBatches(path, layout, 256, rows="holdout")
+    _, mu, sigma = predict(CONFIG, layout, loaded.params, held)
+    assert np.isfinite(mu).all() and np.isfinite(sigma).all()

@@ -27,7 +27,8 @@ def _quiet(_: str) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Log-favourites = artist effects (sd 0.8) + general-tag effects (sd 0.03) + noise."""
+    """Log-favourites = artist effects (sd 0.8) + general-tag effects (sd 0.03) + noise, twice
+    as much noise for rating 2."""
     rng = np.random.default_rng(3)
     n = 12000
     index = np.arange(1, N_TAGS + 1)
@@ -38,14 +39,17 @@ def world(tmp_path_factory):
     keep = np.arange(MAX_TAGS)[None, :] < rng.integers(2, MAX_TAGS + 1, n)[:, None]
     pick = np.where(keep, pick, 0)
     codes = np.where(pick > 0, pick * CATEGORY_CODES + category[np.maximum(pick, 1) - 1], 0)
-    y = 2.0 + np.where(pick > 0, effect[np.maximum(pick, 1) - 1], 0).sum(1) + rng.normal(0, 0.5, n)
+    rating = rng.integers(0, 3, n)
+    noise = np.where(rating == 2, 1.0, 0.5)  # explicit posts twice as noisy
+    y = 2.0 + np.where(pick > 0, effect[np.maximum(pick, 1) - 1], 0).sum(1)
+    y += rng.normal(0, 1, n) * noise
     ids = np.arange(1, n + 1) * 7
     table = pa.table({
         "id": ids,
         "fav_count": np.round(np.expm1(np.maximum(y, 0))).astype(np.int64),
         "y": y.astype(np.float32),
         "tags": pa.array(list(codes.astype(np.int32)), type=pa.list_(pa.int32())),
-        "rating_idx": rng.integers(0, 3, n).astype(np.int8),
+        "rating_idx": rating.astype(np.int8),
         "ext_idx": rng.integers(0, 8, n).astype(np.int8),
         "t_upload_years": rng.uniform(0, 19, n).astype(np.float32),
         "holdout": (ids % 10) == 0,
@@ -109,3 +113,16 @@ def test_a_warm_start_from_another_fold_lands_on_the_same_fit(world):
                        warm=(first.params, first.prior_precision))
     assert warm.validation[-1]["nll"] == pytest.approx(cold.validation[-1]["nll"], abs=2e-3)
     assert warm.steps < cold.steps
+
+
+def test_the_scale_follows_the_noise_of_each_rating(world):
+    path, layout, data, val = world
+    result = train_ridge(CONFIG, layout, data, val, log=_quiet)
+    held = ParquetBatches(path, layout, 512, rows="holdout")
+    rating = held.load()["rating"]
+    y, mu, sigma = predict(CONFIG, layout, result.params, held)
+    ratio = sigma[rating == 2].mean() / sigma[rating == 0].mean()
+    assert 1.6 < ratio < 2.5  # the truth: 2
+    z = (y - mu) / sigma
+    for r in (0, 2):  # calibrated within each rating, not only on average
+        assert 0.85 < z[rating == r].std() < 1.15

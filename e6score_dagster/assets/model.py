@@ -58,6 +58,10 @@ class TrainingConfig(dg.Config):
     baseline_epochs: int = _DEFAULTS.baseline_epochs
     baseline_min_steps: int = _DEFAULTS.baseline_min_steps
     warm_start: bool = _DEFAULTS.warm_start
+    additive_solver: str = _DEFAULTS.additive_solver
+    """"ridge": the linear and additive candidates solved exactly (prior scales by the
+    evidence); "sgd": trained by AdamW with early stopping like the deep stage."""
+    evidence_rounds: int = _DEFAULTS.evidence_rounds
     validation_fraction: float = _DEFAULTS.validation_fraction
     min_validation_posts: int = _DEFAULTS.min_validation_posts
     evals_per_epoch: int = _DEFAULTS.evals_per_epoch

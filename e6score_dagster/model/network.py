@@ -168,8 +168,12 @@ class E6ScoreNet(nn.Module):
             h = nn.gelu(nn.Dense(w, name=f"mlp_{i}")(h))
         out = nn.Dense(2, name="head", kernel_init=nn.initializers.zeros)(h)
         mu = self.y_mean + self.y_std * (out[:, 0] + additive)
+        # The additive models' scale correction, kept as it was fitted (`warm_start`).
+        scale = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros, name="scale")(
+            scale_features(batch, additive, self.n_rating, self.n_ext)
+        )[:, 0]
         sigma = self.y_std * (jax.nn.softplus(out[:, 1] + 0.5413) + 1e-3)  # softplus(.5413)=1
-        return mu, calibrate(self, sigma)
+        return mu, calibrate(self, sigma * jnp.exp(scale))
 
 
 def gaussian_nll(mu: jnp.ndarray, sigma: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
@@ -204,14 +208,36 @@ class LinearNet(nn.Module):
         tag_term = (tag_w * mask).sum(axis=1)
         x = metadata_features(batch, self.n_rating, self.n_ext, cfg.time_frequencies)
         linear = nn.Dense(1, kernel_init=nn.initializers.zeros, name="linear")(x)[:, 0]
-        mu = self.y_mean + self.y_std * (linear + tag_term)
+        mean = linear + tag_term
+        mu = self.y_mean + self.y_std * mean
         log_scale = self.param("log_scale", nn.initializers.zeros, ())
-        sigma = self.y_std * jnp.exp(log_scale) * jnp.ones_like(mu)
+        # The noise of log1p(favs) is not one number: it depends on the expected count (few
+        # favourites are noisier on the log scale), the rating and the file type. A log-linear
+        # correction, zero at initialisation (then one scale for every post).
+        scale = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros, name="scale")(
+            scale_features(batch, mean, self.n_rating, self.n_ext)
+        )[:, 0]
+        sigma = self.y_std * jnp.exp(log_scale + scale)
         return mu, calibrate(self, sigma)
 
 
+def scale_features(batch: dict[str, jnp.ndarray], mean: jnp.ndarray, n_rating: int, n_ext: int):
+    """What the additive models' log scale varies with: the standardised mean (and its square,
+    clipped so an extreme post cannot blow up its scale), rating and file type."""
+    m = jnp.clip(mean, -4.0, 4.0)
+    return jnp.concatenate(
+        [
+            m[:, None],
+            jnp.square(m)[:, None] / 4.0,
+            jax.nn.one_hot(batch["rating"], n_rating),
+            jax.nn.one_hot(batch["ext"], n_ext),
+        ],
+        axis=-1,
+    )
+
+
 # The additive terms a warm start copies from the additive fit, and training then keeps fixed.
-WARM_FROZEN = (("tags", "bias"), ("tags", "shrink"), ("wide",))
+WARM_FROZEN = (("tags", "bias"), ("tags", "shrink"), ("wide",), ("scale",))
 
 
 def warm_start(params: dict, additive: dict) -> dict:
@@ -226,6 +252,8 @@ def warm_start(params: dict, additive: dict) -> dict:
     if "shrink" in additive:
         out["tags"]["shrink"] = jax.tree_util.tree_map(np.array, additive["shrink"])
     out["wide"] = {k: np.array(v) for k, v in additive["linear"].items()}
+    if "scale" in additive:
+        out["scale"] = {"kernel": np.array(additive["scale"]["kernel"])}
     scale = float(np.exp(additive["log_scale"] + additive["sigma_calibration"]))
     head_bias = np.array(out["head"]["bias"])
     head_bias[1] = math.log(math.expm1(max(scale - 1e-3, 1e-3))) - 0.5413

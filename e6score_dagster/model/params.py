@@ -7,6 +7,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from flax import serialization
 
 from e6score_dagster.model.config import ModelConfig
@@ -61,13 +62,23 @@ def load_params(path: Path) -> Fitted:
     state = serialization.msgpack_restore(path.read_bytes())
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not an E6Score params file (format {FORMAT})")
+    layout = FeatureLayout.from_dict(state["layout"])
     return Fitted(
-        params=state["params"],
+        params=_upgrade(state["params"], layout),
         config=ModelConfig.from_dict(state["config"]),
-        layout=FeatureLayout.from_dict(state["layout"]),
+        layout=layout,
         meta=dict(state.get("meta") or {}),
-        fold_params=_as_list(state.get("fold_params")),
+        fold_params=[_upgrade(p, layout) for p in _as_list(state.get("fold_params"))],
     )
+
+
+def _upgrade(params: dict, layout: FeatureLayout) -> dict:
+    """Params written before the models had the additive scale correction predict without
+    one: a zero `scale` kernel says exactly that."""
+    if ("tag_weight" in params or "head" in params) and "scale" not in params:
+        width = 2 + layout.n_rating + layout.n_ext
+        params = {**params, "scale": {"kernel": np.zeros((width, 1), np.float32)}}
+    return params
 
 
 def _as_list(value) -> list[dict]:

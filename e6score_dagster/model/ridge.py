@@ -25,11 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
+from scipy.optimize import minimize
 from scipy.sparse.linalg import LinearOperator, cg
 
 from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches
-from e6score_dagster.model.network import CATEGORY_CODES, effect_rows, metadata_features
+from e6score_dagster.model.network import (
+    CATEGORY_CODES,
+    effect_rows,
+    metadata_features,
+    scale_features,
+)
 from e6score_dagster.model.train import (
     Log,
     TrainResult,
@@ -45,6 +51,7 @@ METADATA_PRIOR = 1.0  # precision on the (standardised) metadata weights: nearly
 LAMBDA_RANGE = (1e-2, 1e6)  # bounds of a group's prior precision, in units of the noise
 ROUND_REDUCTION = 0.1  # each solve cuts its starting residual at least this much
 MIN_ROUND_GAIN = 2e-4  # validation NLL a round must gain for the next one to run
+SCALE_PRIOR = 1e-4  # a whisper of L2 on the log-scale coefficients (one-hots are collinear)
 INITIAL_PRECISION = 10.0  # a tag effect of about 0.3 standard deviations of log1p(favs)
 
 
@@ -153,7 +160,8 @@ def tag_groups(d: Design, by_category: bool) -> np.ndarray:
 @dataclass
 class RidgeFit:
     theta: np.ndarray  # metadata weights, bias, tag rows (units of y_std)
-    sigma: float  # residual standard deviation on the training posts (units of y_std)
+    residual: np.ndarray  # on the training posts (units of y_std)
+    leverage: np.ndarray  # of each training post
     prior_precision: dict[int, float]  # per group, in units of the noise variance
     rounds: list[dict]  # per evidence round: cg iterations, validation NLL, seconds
     best_round: int
@@ -195,7 +203,7 @@ def fit_ridge(
     rhs = np.concatenate([z.T @ y, [y.sum()], st @ y]).astype(np.float32)
     theta = np.zeros(d.n_params, np.float32) if theta0 is None else theta0.astype(np.float32)
     history: list[dict] = []
-    best: tuple[float, int, np.ndarray, float] = (math.inf, -1, theta, 1.0)
+    best: tuple[float, int, np.ndarray, np.ndarray] = (math.inf, -1, theta, np.zeros(0))
     for r in range(rounds):
         lam = np.full(d.n_params, METADATA_PRIOR, np.float32)
         lam[dz] = 0.0  # the bias is free
@@ -234,9 +242,9 @@ def fit_ridge(
             v_sigma = float(np.sqrt(np.mean(np.square(v_resid))))
             entry["validation_nll"] = _nll(v_resid, v_sigma)
             if entry["validation_nll"] < best[0]:
-                best = (entry["validation_nll"], r, theta.copy(), sigma)
+                best = (entry["validation_nll"], r, theta.copy(), lam.copy())
         else:
-            best = (math.inf, r, theta.copy(), sigma)
+            best = (math.inf, r, theta.copy(), lam.copy())
         w = theta[dz + 1 :]
         changed = 0.0
         settled = len(history) > 0 and history[-1].get("validation_nll", 0.0) - entry.get(
@@ -256,10 +264,14 @@ def fit_ridge(
         log(f"evidence round {r + 1}: {iters} CG iterations, train RMSE {sigma:.4f}{val_text}")
         if changed < 0.05 or settled:  # the prior scales or the validation NLL have settled
             break
-    _, best_round, theta, sigma = best
+    _, best_round, theta, lam = best
+    # Each post's leverage (diagonal approximation): how much of its own residual the fit
+    # absorbed, so the scale is fitted to what the residuals would be out of sample.
+    leverage = s.multiply(s) @ (1.0 / (diag[dz + 1 :] + lam[dz + 1 :]))
     return RidgeFit(
         theta=theta,
-        sigma=sigma,
+        residual=y - d.predict(theta),
+        leverage=np.clip(leverage, 0.0, 0.95),
         prior_precision={g: round(v, 4) for g, v in lam_of.items()},
         rounds=history,
         best_round=best_round + 1,
@@ -267,8 +279,27 @@ def fit_ridge(
     )
 
 
-def to_params(fit: RidgeFit, init: dict, n_metadata: int) -> dict:
-    """`LinearNet` params (from `init`, e.g. zero shrinkage) that predict what `fit` does."""
+def fit_log_scale(resid: np.ndarray, leverage: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Coefficients (constant first) of log sigma = c + features @ a, by maximum likelihood
+    on the leverage-corrected residuals (a convex problem in (c, a))."""
+    e = np.square(resid) / (1.0 - leverage)
+    x = np.concatenate([np.ones((len(e), 1)), features], axis=1).astype(np.float64)
+
+    def nll(beta: np.ndarray) -> tuple[float, np.ndarray]:
+        ls = x @ beta
+        w = e * np.exp(-2.0 * ls)
+        value = float(np.mean(ls + 0.5 * w)) + 0.5 * SCALE_PRIOR * float(beta[1:] @ beta[1:])
+        grad = x.T @ (1.0 - w) / len(e) + SCALE_PRIOR * np.concatenate([[0.0], beta[1:]])
+        return value, grad
+
+    start = np.zeros(x.shape[1])
+    start[0] = 0.5 * math.log(max(float(np.mean(e)), 1e-12))
+    return minimize(nll, start, jac=True, method="L-BFGS-B").x
+
+
+def to_params(fit: RidgeFit, init: dict, n_metadata: int, log_scale: np.ndarray) -> dict:
+    """`LinearNet` params (from `init`, e.g. zero shrinkage) that predict what `fit` does,
+    with the log scale's coefficients `log_scale` (constant first)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in init.items()}
     theta = fit.theta
     out["linear"] = {
@@ -276,7 +307,8 @@ def to_params(fit: RidgeFit, init: dict, n_metadata: int) -> dict:
         "bias": np.asarray(theta[n_metadata : n_metadata + 1], np.float32),
     }
     out["tag_weight"] = np.asarray(theta[n_metadata + 1 :], np.float32)
-    out["log_scale"] = np.asarray(math.log(max(fit.sigma, 1e-6)), np.float32)
+    out["log_scale"] = np.asarray(log_scale[0], np.float32)
+    out["scale"] = {"kernel": np.asarray(log_scale[1:, None], np.float32)}
     out["sigma_calibration"] = np.asarray(0.0, np.float32)
     return out
 
@@ -329,7 +361,17 @@ def train_ridge(
         theta0=theta_of(warm[0]) if warm else None,
         prior0=warm[1] if warm else None,
     )
-    params = to_params(fit, init_params(config, layout), train_design.z.shape[1])
+    mean = y - fit.residual
+    features = np.asarray(
+        scale_features(
+            {"rating": jnp.asarray(rows["rating"]), "ext": jnp.asarray(rows["ext"])},
+            jnp.asarray(mean),
+            layout.n_rating,
+            layout.n_ext,
+        )
+    )
+    log_scale = fit_log_scale(fit.residual, fit.leverage, features)
+    params = to_params(fit, init_params(config, layout), train_design.z.shape[1], log_scale)
     factor = 1.0
     if val_rows is not None and len(val_rows["y"]):
         fwd = _forward(make_model(config, layout))
