@@ -90,6 +90,9 @@ def test_the_evidence_gives_artists_a_wide_prior_and_general_tags_a_narrow_one(w
     # Dense artists' effects vary ~25x more (in sd) than dense general tags': their prior
     # precision must be far lower.
     assert prior[ARTIST * 2 + 1] * 20 < prior[GENERAL * 2 + 1]
+    # Reported in words and in log1p(favs): the artists' prior sd near the truth's 0.8.
+    assert 0.5 < additive.prior_sd["artist"] < 1.1
+    assert additive.prior_sd["general"] < 0.15
     linear_cfg = dataclasses.replace(CONFIG, architecture="linear")
     linear = train_ridge(linear_cfg, layout, data, val, log=_quiet)
     assert len(linear.prior_precision) == 1

@@ -232,6 +232,7 @@ def _selection_metadata(selection: Selection) -> dict:
             for name, row in selection.candidate_table().items()
         }),
         "device": selection.device,
+        "tag_effect_sd": dg.MetadataValue.json(selection.tag_effect_sd()),
     }
 
 

@@ -32,6 +32,7 @@ from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches
 from e6score_dagster.model.network import (
     CATEGORY_CODES,
+    UPLOADER_CATEGORY,
     effect_rows,
     metadata_features,
     scale_features,
@@ -45,6 +46,7 @@ from e6score_dagster.model.train import (
     init_params,
     make_model,
 )
+from e6score_dagster.schema import TAG_CATEGORIES
 
 ENCODE_CHUNK = 65536  # posts per chunk when hashing tag codes into effect rows
 METADATA_PRIOR = 1.0  # precision on the (standardised) metadata weights: nearly flat
@@ -155,6 +157,13 @@ def tag_groups(d: Design, by_category: bool) -> np.ndarray:
     used = np.asarray(d.s.getnnz(axis=0)) > 0
     group = d.row_category * 2 + d.row_dense if by_category else np.zeros(len(used), np.int64)
     return np.where(used, group, -1)
+
+
+def group_name(group: int) -> str:
+    """A prior group in words: the e621 category (or the uploader), hashed or not."""
+    code, dense = divmod(int(group), 2)
+    kind = "uploader" if code == UPLOADER_CATEGORY else TAG_CATEGORIES.get(code - 1, "other")
+    return kind if dense or code == UPLOADER_CATEGORY else f"{kind} (hashed)"
 
 
 @dataclass
@@ -377,6 +386,11 @@ def train_ridge(
         fwd = _forward(make_model(config, layout))
         factor = calibrate_scale(params, *_predict_rows(fwd, params, val_rows))
     iterations = sum(r["cg_iterations"] for r in fit.rounds)
+    noise = float(np.mean(np.square(fit.residual)))
+    prior_sd = {
+        group_name(g): round(layout.y_std * math.sqrt(noise / lam), 4)
+        for g, lam in sorted(fit.prior_precision.items())
+    }
     return TrainResult(
         params=params,
         steps=iterations,
@@ -393,4 +407,5 @@ def train_ridge(
         sigma_calibration=factor,
         device="cpu (scipy)",
         prior_precision=fit.prior_precision,
+        prior_sd=prior_sd,
     )

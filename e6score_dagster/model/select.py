@@ -65,6 +65,8 @@ class CandidateFit:
     posts_per_second: float
     base: str | None = None  # the additive candidate the deep stage started from
     prior_precision: dict[int, float] = field(default_factory=dict)  # exact fits, per group
+    prior_sd: dict[str, float] = field(default_factory=dict)  # the same as sd of log1p(favs)
+    solver: str = ""  # "ridge" (exact), "sgd" (gradient steps) or "" (nothing to fit)
 
 
 @dataclass
@@ -95,6 +97,13 @@ class Selection:
             if c.curve
         }
 
+    def tag_effect_sd(self) -> dict[str, float]:
+        """How much tag effects vary per group in the published model's additive part (its
+        empirical-Bayes prior), in log1p(favs); empty when that part was not solved exactly."""
+        chosen = self.candidates[self.chosen]
+        base = self.candidates.get(chosen.base or "") if chosen.name == "deep" else chosen
+        return dict(base.prior_sd) if base else {}
+
     def candidate_table(self) -> dict[str, dict[str, float]]:
         """Per candidate: validation and hold-out metrics, steps and seconds (JSON-able)."""
         out = {}
@@ -112,7 +121,8 @@ class Selection:
         return out
 
     def posts_per_second(self) -> float:
-        fits = [c for c in self.candidates.values() if c.steps]
+        """Training throughput of the gradient-step fits (the exact solves have no batches)."""
+        fits = [c for c in self.candidates.values() if c.steps and c.solver == "sgd"]
         posts = sum(c.steps * c.config.batch_size for c in fits)
         return posts / max(sum(c.seconds for c in fits), 1e-9)
 
@@ -249,6 +259,8 @@ def select_and_crossfit(
             posts_per_second=result.posts_per_second if result else 0.0,
             base=base_name,
             prior_precision=result.prior_precision if result else {},
+            prior_sd=result.prior_sd if result else {},
+            solver=("ridge" if result.prior_precision else "sgd") if result else "",
         )
         log(
             f"candidate {name}: validation NLL {fits[name].validation.get('nll', float('nan')):.4f}"

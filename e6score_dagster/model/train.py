@@ -101,6 +101,7 @@ class TrainResult:
     device: str = ""  # what JAX ran it on, e.g. "cpu" or "NVIDIA H200"
     # The exact (ridge) fits: each tag group's prior precision, for warm starts and reports.
     prior_precision: dict[int, float] = field(default_factory=dict)
+    prior_sd: dict[str, float] = field(default_factory=dict)  # per group, in log1p(favs)
 
 
 class NonFiniteLossError(FloatingPointError):
