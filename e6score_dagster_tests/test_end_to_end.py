@@ -89,6 +89,13 @@ def test_materialisations_carry_metadata_and_checks_pass(pipeline):
         assert k in candidates[chosen] and k in candidates["linear"], k
     assert list(meta)[0] == "model_comparison"
     assert f"**{chosen}** ✓" in meta["model_comparison"].value
+    # The additive part's prior widths per tag group, in words (the generator's artists vary
+    # far more than its general tags).
+    widths = meta["tag_effect_sd"].value
+    if "artist" in widths:  # the published additive part has a prior per group
+        assert widths["artist"] > 2 * widths["general"] > 0
+    else:  # the plain ridge (or the constant): one prior for all tags
+        assert set(widths) <= {"all tags"}
     assert meta["stage_curves"].value.count("data:image/png") == 1
     assert not [k for k in meta if k.startswith("holdout_") and k not in
                 ("holdout_nll", "holdout_posts")]

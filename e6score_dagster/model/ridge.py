@@ -202,8 +202,9 @@ def fit_ridge(
     t0 = time.perf_counter()
     dz = d.z.shape[1]
     s, z = d.s, d.z
-    st = s.T.tocsr()
-    h_tags = np.asarray(s.multiply(s).sum(axis=0)).ravel().astype(np.float32)
+    st = s.T  # a CSC view: its products are as fast as a transposed copy's, without the copy
+    squared = sp.csr_matrix((np.square(s.data), s.indices, s.indptr), shape=s.shape)
+    h_tags = np.bincount(s.indices, squared.data, s.shape[1]).astype(np.float32)
     diag = np.concatenate([np.square(z).sum(axis=0), [len(y)], h_tags]).astype(np.float32)
     names = [int(g) for g in np.unique(groups) if g >= 0]
     lam_of = {g: float((prior0 or {}).get(g, INITIAL_PRECISION)) for g in names}
@@ -276,7 +277,7 @@ def fit_ridge(
     _, best_round, theta, lam = best
     # Each post's leverage (diagonal approximation): how much of its own residual the fit
     # absorbed, so the scale is fitted to what the residuals would be out of sample.
-    leverage = s.multiply(s) @ (1.0 / (diag[dz + 1 :] + lam[dz + 1 :]))
+    leverage = squared @ (1.0 / (diag[dz + 1 :] + lam[dz + 1 :]))
     return RidgeFit(
         theta=theta,
         residual=y - d.predict(theta),
@@ -388,7 +389,9 @@ def train_ridge(
     iterations = sum(r["cg_iterations"] for r in fit.rounds)
     noise = float(np.mean(np.square(fit.residual)))
     prior_sd = {
-        group_name(g): round(layout.y_std * math.sqrt(noise / lam), 4)
+        group_name(g) if config.architecture == "additive" else "all tags": round(
+            layout.y_std * math.sqrt(noise / lam), 4
+        )
         for g, lam in sorted(fit.prior_precision.items())
     }
     return TrainResult(
