@@ -12,11 +12,12 @@ Posts are ranked by
     rank_key = fav_score * ln(1 + fav_count)
 
 highest first, ties broken by ascending post id (posts without a score come last).
-`fav_score` says how much a post beats what its metadata predicts (the model's probability of
-a favourite count at or below the observed one); the `ln(1 + fav_count)` factor keeps posts
-whose high `fav_score` rests on one or two lucky favourites (a post expected to get 0.1 that
-got 1) from topping the list, so the head of the ranking is posts that are both better than
-expected and actually liked. A post with no favourites has rank_key 0.
+`fav_score` says how much a post beats what its metadata predicts (the model's probability
+that a post with the same metadata gets fewer favourites, ties counted half); the
+`ln(1 + fav_count)` factor keeps posts whose high `fav_score` rests on one or two lucky
+favourites (a post expected to get 0.1 that got 1) from topping the list, so the head of the
+ranking is posts that are both better than expected and actually liked. A post with no
+favourites has rank_key 0.
 
 Filters
 -------

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from flax import serialization
+from scipy.stats import norm
 
 from e6score_dagster.model import (
     FeatureLayout,
@@ -292,3 +293,20 @@ def test_params_from_before_the_scale_correction_still_load_and_score(tmp_path, 
     held = ParquetBatches(path, layout, 256, rows="holdout")
     _, mu, sigma = predict(CONFIG, layout, loaded.params, held)
     assert np.isfinite(mu).all() and np.isfinite(sigma).all()
+
+
+def test_fav_score_averages_one_half_where_most_posts_have_no_favourites():
+    """Counts drawn from the model itself (the Gaussian over log1p, read off by the
+    continuity correction): the mid-distribution score averages 0.5 at every level of
+    expected favourites, where P(count <= observed) alone would sit far above it."""
+    from e6score_dagster.model.score import mid_distribution
+
+    rng = np.random.default_rng(0)
+    for mu in (0.1, 0.7, 4.0):
+        y = rng.normal(mu, 0.6, 200_000)
+        fav = np.maximum(np.floor(np.expm1(y) + 0.5), 0.0).astype(np.float32)
+        score = np.asarray(mid_distribution(fav, np.float32(mu), np.float32(0.6)))
+        assert abs(score.mean() - 0.5) < 0.005, mu
+        at_most = norm.cdf((np.log(fav + 1.5) - mu) / 0.6)
+        if mu < 1:
+            assert at_most.mean() > 0.55  # what the old score did on such posts

@@ -180,8 +180,8 @@ def score_summary(conn, table: str) -> dict:
     pool="duckdb",
     automation_condition=ON_NEW_DATA_VERSION,
     check_specs=[checks.EVERY_POST_SCORED],
-    description="`fav_score` for every cleaned post: the model's probability of a favourite "
-    "count at or below the observed one, given metadata only (0.5 = as expected), from the "
+    description="`fav_score` for every cleaned post: the model's probability that a post "
+    "with the same metadata gets fewer favourites (ties counted half; 0.5 = as expected), from the "
     "model fitted without the post's cross-fitting fold (no score comes from a model that saw "
     "that post's favourites). Also "
     "`expected_fav_count` (predictive median) and `fav_zscore`. Table `scored_posts` plus "

@@ -14,13 +14,24 @@ from e6score_dagster.model.params import Fitted
 from e6score_dagster.model.train import make_model, model_inputs
 
 
+def mid_distribution(fav: jnp.ndarray, mu: jnp.ndarray, sigma: jnp.ndarray) -> jnp.ndarray:
+    """P(count < fav) + P(count = fav) / 2 under the Gaussian over log1p(count)."""
+    at_most = norm.cdf((jnp.log(fav + 1.5) - mu) / sigma)
+    below = jnp.where(fav > 0, norm.cdf((jnp.log(jnp.maximum(fav, 1.0) + 0.5) - mu) / sigma), 0.0)
+    return 0.5 * (at_most + below)
+
+
 def score_batches(fitted: Fitted, data: ParquetBatches) -> Iterator[dict[str, np.ndarray]]:
     """Yields id, mu, sigma, expected_fav_count, fav_score, fav_zscore for every real row.
 
     expected_fav_count is the predictive median, expm1(mu): the mean of a heavy-tailed
     log-normal is dominated by its tail and would rank nothing usefully.
-    fav_score is P(count <= observed), i.e. the CDF at log1p(observed + 0.5), a continuity
-    correction for the count being an integer.
+    fav_score is the mid-distribution function at the observed count: P(count < observed)
+    + P(count = observed) / 2, the counts' probabilities read off the Gaussian over log1p by
+    a continuity correction (count c covers log1p(c - 0.5) to log1p(c + 0.5); count 0 also
+    takes everything below). For a post whose metadata is modelled right it is uniform on
+    (0, 1) with mean 0.5, ties and all; P(count <= observed) alone would average above 0.5,
+    most where few favourites are expected.
     With `fitted.fold_params` every post is scored by the model fitted without its fold, so
     no score comes from a model that saw that post's favourites.
     """
@@ -33,7 +44,7 @@ def score_batches(fitted: Fitted, data: ParquetBatches) -> Iterator[dict[str, np
             mu,
             sigma,
             jnp.expm1(mu),
-            norm.cdf((jnp.log(fav + 1.5) - mu) / sigma),
+            mid_distribution(fav, mu, sigma),
             (jnp.log1p(fav) - mu) / sigma,
         )
 
