@@ -12,7 +12,7 @@ import pytest
 
 from e6score_dagster.model import FeatureLayout, ModelConfig, ParquetBatches
 from e6score_dagster.model.network import CATEGORY_CODES
-from e6score_dagster.model.ridge import cached_design, tag_groups, theta_of, train_ridge
+from e6score_dagster.model.ridge import design_of, tag_groups, theta_of, train_ridge
 from e6score_dagster.model.train import evaluate, predict
 
 CONFIG = ModelConfig(architecture="additive", hash_bits=10)
@@ -71,7 +71,7 @@ def world(tmp_path_factory):
 def test_the_network_predicts_exactly_what_the_solve_did(world):
     path, layout, data, val = world
     result = train_ridge(CONFIG, layout, data, val, log=_quiet)
-    d = cached_design(data.load(), CONFIG, layout)
+    d = design_of(data, CONFIG, layout)
     solved = layout.y_mean + layout.y_std * d.predict(theta_of(result.params))
     y, mu, _ = predict(CONFIG, layout, result.params,
                        ParquetBatches(path, layout, 512, rows="train", validation_fraction=0.15))

@@ -11,7 +11,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -160,6 +160,7 @@ class ParquetBatches:
         ]
         self._num_rows: int | None = None
         self._loaded: Batch | None = None
+        self._derived: dict = {}  # what fits computed from the loaded rows (e.g. a design)
 
     def _mask(self, table: pa.Table) -> np.ndarray | None:
         rows = self._row_mask(table)
@@ -249,6 +250,18 @@ class ParquetBatches:
                 parts = [_table_to_batch(empty.select(self._columns), self.layout)]
             self._loaded = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return self._loaded
+
+    def derived(self, key: object, make: Callable[[Batch], object]) -> object:
+        """`make(self.load())`, computed once per key while the rows stay loaded (the linear
+        and additive fits share one design matrix of their rows)."""
+        if key not in self._derived:
+            self._derived[key] = make(self.load())
+        return self._derived[key]
+
+    def release(self) -> None:
+        """Forget the loaded rows and what was derived from them (the next load re-reads)."""
+        self._loaded = None
+        self._derived = {}
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """Batches of one epoch, produced on a background thread while the caller computes."""

@@ -122,7 +122,7 @@ def design(rows: Batch, config: ModelConfig, layout: FeatureLayout) -> Design:
         (
             np.concatenate(vals or [np.zeros(0, np.float32)]),
             np.concatenate(cols or [np.zeros(0, np.int32)]),
-            indptr.astype(np.int64),
+            indptr.astype(np.int32 if indptr[-1] < 2**31 else np.int64),
         ),
         shape=(n, n_rows),
     )
@@ -134,21 +134,10 @@ def design(rows: Batch, config: ModelConfig, layout: FeatureLayout) -> Design:
     )
 
 
-_DESIGNS: list[tuple[Batch, tuple, Design]] = []  # the last few, with the rows they describe
-
-
-def cached_design(rows: Batch, config: ModelConfig, layout: FeatureLayout) -> Design:
-    """`design(rows, ...)`, reused while the same loaded rows are fitted again (the linear and
-    additive candidates share their training and validation rows)."""
-    key = (config.hash_bits, config.num_probes, config.time_frequencies)
-    key += (layout.extra.get("dense_tags"),)
-    for held, k, d in _DESIGNS:
-        if held is rows and k == key:
-            return d
-    d = design(rows, config, layout)
-    _DESIGNS.append((rows, key, d))
-    del _DESIGNS[:-2]
-    return d
+def design_of(data: ParquetBatches, config: ModelConfig, layout: FeatureLayout) -> Design:
+    """The design of `data`'s rows, built once while they stay loaded."""
+    key = ("ridge design", config.hash_bits, config.num_probes, config.time_frequencies)
+    return data.derived(key, lambda rows: design(rows, config, layout))
 
 
 def tag_groups(d: Design, by_category: bool) -> np.ndarray:
@@ -349,12 +338,12 @@ def train_ridge(
     t_load = time.perf_counter()
     rows = data.load()
     val_rows = validation.load() if validation is not None else None
-    train_design = cached_design(rows, config, layout)
+    train_design = design_of(data, config, layout)
     y = (rows["y"] - layout.y_mean) / layout.y_std
     val = None
     if val_rows is not None and len(val_rows["y"]):
         vy = (val_rows["y"] - layout.y_mean) / layout.y_std
-        val = (cached_design(val_rows, config, layout), vy)
+        val = (design_of(validation, config, layout), vy)
     load_seconds = time.perf_counter() - t_load
     groups = tag_groups(train_design, by_category=config.architecture == "additive")
     log(
