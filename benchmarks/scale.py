@@ -207,45 +207,47 @@ def machine() -> str:
 
 FINDINGS = """## What the measurements show
 
-The 1M run was re-measured on 2026-11-30 with model selection (four candidates), cross-fitting
-(K = 3), `weight_decay` 1.0, the cleaning below and DuckDB's memory limit at 2 GB (was 3 GB);
-the 100k and 6M columns are from before all of these (2026-11-29) and have not been re-run.
-The machine ran about a third faster late in the session than early (the bare scan of the
-same file took 6.4 s, then 4.7 s): compare a step with the scan measured beside it.
+The 100k and 1M columns were re-measured on 2026-11-30 (second session) with the additive
+candidates solved exactly (`model/ridge.py`: conjugate gradients on the sparse design, prior
+widths by the evidence); the 6M column is from 2026-11-29, before model selection, and has not
+been re-run. The machine's speed varies by about a third within a session (the bare scan of the
+same file took 4.7-6.4 s): compare a step with the scan measured beside it.
 
-- **`cleaned_posts`: 1.8x the bare scan at 1M posts (target 2x, met; 6M not re-measured).**
-  Profiled on a 300k-post dump with DuckDB alone (`count(*)` scan 1.9-2.2 s): the typed table
-  with every column and the tag array took 13.7 s; without the tag array 5.9 s (a list of ~30
-  strings per post costs more to build and store than the whole CSV parse); with the free-text
-  columns (`md5`, `source`, `tag_string`, `locked_tags`, `description`) stored uncompressed
-  3.4 s (DuckDB's string compression is the rest of the cost; the DuckDB file grows by about
-  130 MB per 300k posts); keeping the raw text of `id`, `created_at` and `fav_count` only for
-  rows whose typing fails 3.1 s. The tag array is now split from `tag_string` where it is read:
-  `tag_vocabulary` 3.0 -> 4.5 s and `feature_matrix` 17.4 -> 19.8 s at 1M, so cleaning,
-  vocabulary and features together went from 46.4 to 35.7 s. `top`'s tag filters search whole
-  words in `tag_string` (1.4 s at 1M posts with `--tags` and `--exclude-tags`).
-- **Whole chain at 1M posts: 130 s of step time, 166 s with one CLI process per step (target
-  100 s: missed); peak RSS 2,528 MB (target 2,560 MB: met, after lowering DuckDB's memory
-  limit from 3 GB to 2 GB, which took `scored_posts` from 3,237 MB to 2,528 MB).**
-  `fitted_params` is 77 s of it: selection fits four candidates without fold 0 (48 s: constant
-  4 s, linear 8 s, additive 12 s, deep 10 s, plus validation and hold-out metrics for each),
-  then refits the chosen one without each other fold (13 s and 12 s). What would remove most
-  of it: refit the folds warm-started from the selection fit (a fraction of the steps), skip
-  the deep candidate when it cannot improve on its start (best step 0 here), and run the folds
-  in parallel where there are cores or a GPU. Chosen: additive, held-out NLL 1.5002 against
-  1.5227 for linear (with `weight_decay` 1e-4 linear had 1.5023 here: the decay chosen on the
-  100k worlds over-regularises the linear fit at 1M, a sign that the penalty should scale
-  with the data, not be one number).
-- **Deep stage: 57k posts/s at 1M on 2 cores (target 60k: just missed;** 31k in the run an
-  hour earlier, on the slower machine). The loop itself is no longer the limit (0.21 ms of
-  host overhead per step, `TRAIN_LOOP.md`): the step is bound by the hashed-embedding gathers
-  and their scatter-adds, not by matrix FLOPs. No GPU was lent to this project's sessions,
-  so the H200 targets are unmeasured; `benchmarks/train_loop.py` runs the model package
-  alone on a feature matrix for that.
+- **`cleaned_posts`: within 2x of the bare scan at 1M posts (target 2x, met; 6M not
+  re-measured).** Profiled on a 300k-post dump with DuckDB alone (`count(*)` scan 1.9-2.2 s):
+  the typed table with every column and the tag array took 13.7 s; without the tag array 5.9 s
+  (a list of ~30 strings per post costs more to build and store than the whole CSV parse);
+  with the free-text columns (`md5`, `source`, `tag_string`, `locked_tags`, `description`)
+  stored uncompressed 3.4 s; keeping the raw text of `id`, `created_at` and `fav_count` only
+  for rows whose typing fails 3.1 s. The tag array is split from `tag_string` where it is read.
+- **`fitted_params` at 1M: 84 s, 2,314 MB peak RSS.** Read off the step's log in a worlds
+  run (classic world, 1M posts, 91 s): loading the training rows 6 s; the linear candidate
+  19 s (building the sparse design 6 s, four evidence rounds of conjugate gradients 13 s);
+  the additive candidate 13 s (seven rounds, warm-started from the linear fit, 8 s; the
+  heteroscedastic scale and calibration 5 s); the deep stage 22 s (compile and transfer 5 s,
+  265 steps at 48k posts/s 14 s, validation 3 s), which does not improve on its start here
+  but does in the `interactions` world; each cross-fitting refit 12 s (rows and design 6 s,
+  two rounds warm-started from fold 0's solution 3 s); hold-out metrics and the report 9 s.
+  Before (the additive candidates fitted by AdamW): 77 s, with a held-out NLL 0.041 nats
+  worse (1.5002 against 1.4593; the oracle's 1.3718). What would remove more: one design for
+  all fit rows, sliced per fold (about 10 s); the design's products on both cores (SciPy's
+  are single-threaded: about half of the 21 s of solves); skipping the deep stage where it
+  cannot improve.
+- **Whole chain at 1M posts: 136 s of step time, 172 s with one CLI process per step
+  (target 100 s: missed); largest step's peak RSS 2,499 MB, `scored_posts` (target 2,560 MB:
+  met).** The fits keep their rows and design only while they use them; the design is
+  one sparse matrix of float32 entries (17M at 1M posts) without a transposed copy.
+- **Deep stage: 57k posts/s at 1M on 2 cores in the scale run (target 60k: just missed; 48k
+  in a worlds run the same hour).** The loop itself is no longer the limit
+  (0.21 ms of host overhead per step, `TRAIN_LOOP.md`): the step is bound by the
+  hashed-embedding gathers and their scatter-adds. No GPU was lent to this project's sessions,
+  so the H200 targets are unmeasured; `benchmarks/train_loop.py` runs the model package alone
+  on a feature matrix for that. The exact solves run on the CPU (SciPy) on any machine.
 - **From the 2026-11-29 runs (before these changes):** the 6M chain took 880 s of step time
   with every step under 3.6 GB; cost grows about linearly from 1M to 6M in every step; scoring
   ran 56k posts/s at 6M; the CSV export (DuckDB writes plain CSV on all threads, ISA-L gzip on
-  every core) took 69 s for 6M posts.
+  every core) took 69 s for 6M posts. At 6M the exact solve's design would hold about 100M
+  entries (0.8 GB) for a fold's training rows; not yet measured.
 """
 
 
@@ -310,6 +312,8 @@ def write_md(runs: list[dict]) -> None:
         fit = r["training"].get("stages", {}).get(name)
         if not fit:
             return "n/a"
+        if fit.get("solver") == "ridge":
+            return f"exact solve, {fit['seconds']:.0f} s ({fit['best_step']} evidence rounds)"
         return f"{fit['posts_per_second']:,.0f} posts/s, {fit['seconds']:.0f} s"
 
     row("whole chain, processes included", "1M: ≤ 100 s; 6M: ≤ 720 s", chain_target)

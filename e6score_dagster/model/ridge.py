@@ -40,11 +40,8 @@ from e6score_dagster.model.network import (
 from e6score_dagster.model.train import (
     Log,
     TrainResult,
-    _forward,
-    _predict_rows,
-    calibrate_scale,
+    calibrate_on_rows,
     init_params,
-    make_model,
 )
 from e6score_dagster.schema import TAG_CATEGORIES
 
@@ -373,8 +370,7 @@ def train_ridge(
     params = to_params(fit, init_params(config, layout), train_design.z.shape[1], log_scale)
     factor = 1.0
     if val_rows is not None and len(val_rows["y"]):
-        fwd = _forward(make_model(config, layout))
-        factor = calibrate_scale(params, *_predict_rows(fwd, params, val_rows))
+        factor = calibrate_on_rows(config, layout, params, val_rows)
     iterations = sum(r["cg_iterations"] for r in fit.rounds)
     noise = float(np.mean(np.square(fit.residual)))
     prior_sd = {

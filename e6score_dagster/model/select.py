@@ -112,6 +112,7 @@ class Selection:
                 **{f"validation_{k}": v for k, v in c.validation.items()},
                 **{f"holdout_{k}": v for k, v in c.holdout.items()},
                 "best_step": c.best_step,
+                "solver": c.solver,
                 "seconds": round(c.seconds, 2),
                 "posts_per_second": round(c.posts_per_second, 1),
             }

@@ -264,6 +264,14 @@ def calibrate_scale(params: dict, y: np.ndarray, mu: np.ndarray, sigma: np.ndarr
     return factor
 
 
+def calibrate_on_rows(
+    config: ModelConfig, layout: FeatureLayout, params: dict, rows: Batch
+) -> float:
+    """`calibrate_scale` on loaded rows, scored through the model's jitted forward."""
+    fwd = _forward(make_model(config, layout))
+    return calibrate_scale(params, *_predict_rows(fwd, params, rows))
+
+
 def _resident_chunks(
     n: int, batch_size: int, seed: int, epoch: int, chunk: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
