@@ -169,9 +169,9 @@ class E6ScoreNet(nn.Module):
         out = nn.Dense(2, name="head", kernel_init=nn.initializers.zeros)(h)
         mu = self.y_mean + self.y_std * (out[:, 0] + additive)
         # The additive models' scale correction, kept as it was fitted (`warm_start`).
-        scale = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros, name="scale")(
+        scale = ScaleCorrection(name="scale")(
             scale_features(batch, additive, self.n_rating, self.n_ext)
-        )[:, 0]
+        )
         sigma = self.y_std * (jax.nn.softplus(out[:, 1] + 0.5413) + 1e-3)  # softplus(.5413)=1
         return mu, calibrate(self, sigma * jnp.exp(scale))
 
@@ -214,11 +214,25 @@ class LinearNet(nn.Module):
         # The noise of log1p(favs) is not one number: it depends on the expected count (few
         # favourites are noisier on the log scale), the rating and the file type. A log-linear
         # correction, zero at initialisation (then one scale for every post).
-        scale = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros, name="scale")(
-            scale_features(batch, mean, self.n_rating, self.n_ext)
-        )[:, 0]
+        features = scale_features(batch, mean, self.n_rating, self.n_ext)
+        scale = ScaleCorrection(name="scale")(features)
         sigma = self.y_std * jnp.exp(log_scale + scale)
         return mu, calibrate(self, sigma)
+
+
+MAX_LOG_SCALE_CORRECTION = math.log(2.0)
+
+
+class ScaleCorrection(nn.Module):
+    """The additive models' log-scale correction: linear in `scale_features`, zero at
+    initialisation, and bounded to a factor of 2 either way, so a poorly pinned-down fit (a
+    small dump, an outlier) cannot make any post's predictive scale absurd."""
+
+    @nn.compact
+    def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", nn.initializers.zeros, (features.shape[-1], 1))
+        bound = MAX_LOG_SCALE_CORRECTION
+        return jnp.clip((features @ kernel)[:, 0], -bound, bound)
 
 
 def scale_features(batch: dict[str, jnp.ndarray], mean: jnp.ndarray, n_rating: int, n_ext: int):

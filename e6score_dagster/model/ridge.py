@@ -279,6 +279,8 @@ def fit_log_scale(resid: np.ndarray, leverage: np.ndarray, features: np.ndarray)
     """Coefficients (constant first) of log sigma = c + features @ a, by maximum likelihood
     on the leverage-corrected residuals (a convex problem in (c, a))."""
     e = np.square(resid) / (1.0 - leverage)
+    # A few wild residuals (a post with a million favourites) must not bend the whole curve.
+    e = np.minimum(e, np.quantile(e, 0.999)) if len(e) else e
     x = np.concatenate([np.ones((len(e), 1)), features], axis=1).astype(np.float64)
 
     def nll(beta: np.ndarray) -> tuple[float, np.ndarray]:
