@@ -34,6 +34,7 @@ from e6score_dagster.model.network import (
     CATEGORY_CODES,
     UPLOADER_CATEGORY,
     effect_rows,
+    gaussian_nll,
     metadata_features,
     scale_features,
 )
@@ -163,11 +164,6 @@ class RidgeFit:
     seconds: float
 
 
-def _nll(resid: np.ndarray, sigma: float) -> float:
-    z2 = np.square(resid / sigma)
-    return float(np.mean(np.log(sigma) + 0.5 * z2) + 0.5 * math.log(2 * math.pi))
-
-
 def fit_ridge(
     d: Design,
     y: np.ndarray,
@@ -236,7 +232,7 @@ def fit_ridge(
             vd, vy = validation
             v_resid = vy - vd.predict(theta)
             v_sigma = float(np.sqrt(np.mean(np.square(v_resid))))
-            entry["validation_nll"] = _nll(v_resid, v_sigma)
+            entry["validation_nll"] = float(np.mean(gaussian_nll(0.0, v_sigma, v_resid)))
             if entry["validation_nll"] < best[0]:
                 best = (entry["validation_nll"], r, theta.copy(), lam.copy())
         else:
