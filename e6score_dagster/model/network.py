@@ -235,6 +235,11 @@ class ScaleCorrection(nn.Module):
         return jnp.clip((features @ kernel)[:, 0], -bound, bound)
 
 
+def scale_feature_count(n_rating: int, n_ext: int) -> int:
+    """How many columns `scale_features` has: the mean, its square, the one-hots."""
+    return 2 + n_rating + n_ext
+
+
 def scale_features(batch: dict[str, jnp.ndarray], mean: jnp.ndarray, n_rating: int, n_ext: int):
     """What the additive models' log scale varies with: the standardised mean (and its square,
     clipped so an extreme post cannot blow up its scale), rating and file type."""

@@ -12,6 +12,7 @@ from flax import serialization
 
 from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import FeatureLayout
+from e6score_dagster.model.network import scale_feature_count
 
 FORMAT = 1
 MAX_PARAMS_BYTES = 1 << 30  # a params file is tens of MB; refuse anything absurd
@@ -76,7 +77,7 @@ def _upgrade(params: dict, layout: FeatureLayout) -> dict:
     """Params written before the models had the additive scale correction predict without
     one: a zero `scale` kernel says exactly that."""
     if ("tag_weight" in params or "head" in params) and "scale" not in params:
-        width = 2 + layout.n_rating + layout.n_ext
+        width = scale_feature_count(layout.n_rating, layout.n_ext)
         params = {**params, "scale": {"kernel": np.zeros((width, 1), np.float32)}}
     return params
 

@@ -29,9 +29,9 @@ def score_batches(fitted: Fitted, data: ParquetBatches) -> Iterator[dict[str, np
     fav_score is the mid-distribution function at the observed count: P(count < observed)
     + P(count = observed) / 2, the counts' probabilities read off the Gaussian over log1p by
     a continuity correction (count c covers log1p(c - 0.5) to log1p(c + 0.5); count 0 also
-    takes everything below). For a post whose metadata is modelled right it is uniform on
-    (0, 1) with mean 0.5, ties and all; P(count <= observed) alone would average above 0.5,
-    most where few favourites are expected.
+    takes everything below). For posts whose metadata is modelled right it averages 0.5,
+    ties and all; P(count <= observed) alone would average above 0.5, most where few
+    favourites are expected.
     With `fitted.fold_params` every post is scored by the model fitted without its fold, so
     no score comes from a model that saw that post's favourites.
     """

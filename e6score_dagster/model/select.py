@@ -261,7 +261,7 @@ def select_and_crossfit(
             base=base_name,
             prior_precision=result.prior_precision if result else {},
             prior_sd=result.prior_sd if result else {},
-            solver=("ridge" if result.prior_precision else "sgd") if result else "",
+            solver=(cfg.additive_solver if name in ADDITIVE else "sgd") if result else "",
         )
         log(
             f"candidate {name}: validation NLL {fits[name].validation.get('nll', float('nan')):.4f}"
