@@ -310,3 +310,27 @@ def test_fav_score_averages_one_half_where_most_posts_have_no_favourites():
         at_most = norm.cdf((np.log(fav + 1.5) - mu) / 0.6)
         if mu < 1:
             assert at_most.mean() > 0.55  # what the old score did on such posts
+
+
+def test_shrinkage_reads_the_same_linear_function_as_a_dense_layer_on_the_traits():
+    """The shrinkage factor's gather is `nn.Dense(1)` on the tag traits (one-hot category,
+    log rank and its square) with the same params, so params fitted before it still mean
+    what they meant."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from e6score_dagster.model.network import CATEGORY_CODES, Shrinkage
+
+    rng = np.random.default_rng(0)
+    tags = jnp.asarray(rng.integers(0, 50_000 * CATEGORY_CODES, (64, 12)), jnp.int32)
+    kernel = rng.normal(0, 1, (CATEGORY_CODES + 2, 1)).astype(np.float32)
+    params = {"params": {"factor": {"kernel": kernel, "bias": np.float32([0.3])}}}
+    rank = jnp.log1p((tags // CATEGORY_CODES).astype(jnp.float32)) / 10.0
+    traits = jnp.concatenate(
+        [jax.nn.one_hot(tags % CATEGORY_CODES, CATEGORY_CODES), rank[..., None],
+         jnp.square(rank)[..., None]], axis=-1)
+    dense = nn.Dense(1).apply({"params": params["params"]["factor"]}, traits)[..., 0]
+    got = Shrinkage().apply(params, tags)
+    np.testing.assert_allclose(got, 2.0 * jax.nn.sigmoid(dense), rtol=1e-5, atol=1e-6)
+    assert float(jnp.std(got)) > 0.05  # the factor really varies with the traits

@@ -187,6 +187,21 @@ class ParquetBatches:
         val = validation_mask(ids, self.validation_fraction)
         return fit & (val if self.rows == "validation" else ~val)
 
+    def fold(self, k: int, num_folds: int) -> ParquetBatches:
+        """The same row set restricted to fold k of `num_folds` (read afresh)."""
+        if self.exclude_fold is not None or self.only_fold is not None:
+            raise ValueError("these rows are already restricted to folds")
+        return ParquetBatches(
+            self.path,
+            self.layout,
+            self.batch_size,
+            self.rows,
+            self.shuffle_seed,
+            self.prefetch,
+            self.validation_fraction,
+            only_fold=(k, num_folds),
+        )
+
     def num_rows(self) -> int:
         if self._num_rows is None:
             pf = pq.ParquetFile(self.path)

@@ -46,11 +46,19 @@ def effect_rows(tags: jnp.ndarray, hash_bits: int, num_probes: int, n_dense: int
     return jnp.where(dense[..., None], index[..., None], hashed)
 
 
-def tag_traits(tags: jnp.ndarray) -> jnp.ndarray:
-    """Per tag slot: one-hot category and log frequency rank, from the tag code."""
-    rank = jnp.log1p((tags // CATEGORY_CODES).astype(jnp.float32)) / 10.0
-    cat = jax.nn.one_hot(tags % CATEGORY_CODES, CATEGORY_CODES)
-    return jnp.concatenate([cat, rank[..., None], jnp.square(rank)[..., None]], axis=-1)
+class TraitsDense(nn.Module):
+    """One linear function of a tag's traits: its e621 category (one-hot) and its log frequency
+    rank (and the square). The params are those of `nn.Dense(1)` on the 18 traits, but the
+    category's weight is read by index instead of multiplying a [B, T, 18] one-hot, which was
+    half of an additive model's forward pass."""
+
+    @nn.compact
+    def __call__(self, tags: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", nn.initializers.zeros, (CATEGORY_CODES + 2, 1))[:, 0]
+        bias = self.param("bias", nn.initializers.zeros, (1,))
+        rank = jnp.log1p((tags // CATEGORY_CODES).astype(jnp.float32)) / 10.0
+        per_category = kernel[: CATEGORY_CODES][tags % CATEGORY_CODES]
+        return per_category + rank * kernel[CATEGORY_CODES] + jnp.square(rank) * kernel[-1] + bias
 
 
 class Shrinkage(nn.Module):
@@ -61,8 +69,7 @@ class Shrinkage(nn.Module):
 
     @nn.compact
     def __call__(self, tags: jnp.ndarray) -> jnp.ndarray:
-        dense = nn.Dense(1, kernel_init=nn.initializers.zeros, name="factor")
-        return 2.0 * jax.nn.sigmoid(dense(tag_traits(tags))[..., 0])  # in (0, 2)
+        return 2.0 * jax.nn.sigmoid(TraitsDense(name="factor")(tags))  # in (0, 2)
 
 
 class TagEncoder(nn.Module):

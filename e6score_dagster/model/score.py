@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.stats import norm
 
-from e6score_dagster.model.data import ParquetBatches, fold_of
+from e6score_dagster.model.data import ParquetBatches
 from e6score_dagster.model.params import Fitted
 from e6score_dagster.model.train import make_model, model_inputs
 
@@ -49,25 +49,20 @@ def score_batches(fitted: Fitted, data: ParquetBatches) -> Iterator[dict[str, np
         )
 
     models = [jax.device_put(p) for p in (fitted.fold_params or [fitted.params])]
-    for batch in data.epoch(0):
-        real = batch["weight"] > 0
-        fold = fold_of(batch["id"], len(models))
-        inputs, fav = model_inputs(batch), batch["fav_count"].astype(np.float32)
-        out = None
-        for k, params in enumerate(models):
-            if not np.any(fold[real] == k):
-                continue
-            got = [np.asarray(o) for o in predict(params, inputs, fav)]
-            if out is None:
-                out = got
-            else:
-                out = [np.where(fold == k, g, o) for g, o in zip(got, out, strict=True)]
-        mu, sigma, expected, cdf, z = (o[real] for o in out)
-        yield {
-            "id": batch["id"][real],
-            "mu": mu,
-            "sigma": sigma,
-            "expected_fav_count": np.maximum(expected, 0.0),
-            "fav_score": np.clip(cdf, 0.0, 1.0),
-            "fav_zscore": z,
-        }
+    # Each fold's posts are read apart and scored by their own model only (one forward pass
+    # per post, not one per model).
+    parts = [data] if len(models) == 1 else [data.fold(k, len(models)) for k in range(len(models))]
+    for params, part in zip(models, parts, strict=True):
+        for batch in part.epoch(0):
+            real = batch["weight"] > 0
+            fav = batch["fav_count"].astype(np.float32)
+            out = [np.asarray(o)[real] for o in predict(params, model_inputs(batch), fav)]
+            mu, sigma, expected, cdf, z = out
+            yield {
+                "id": batch["id"][real],
+                "mu": mu,
+                "sigma": sigma,
+                "expected_fav_count": np.maximum(expected, 0.0),
+                "fav_score": np.clip(cdf, 0.0, 1.0),
+                "fav_zscore": z,
+            }
