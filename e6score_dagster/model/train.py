@@ -256,6 +256,14 @@ def _nll(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
     return float(np.asarray(gaussian_nll(mu, sigma, y), np.float64).mean())
 
 
+def _calibrated_nll(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """The NLL after `calibrate_scale`'s factor: how early stopping judges a checkpoint, since
+    every fit is published calibrated (training on its own residuals makes the deep stage's
+    raw sigma overconfident, which would stop it before its mean has improved)."""
+    factor = float(np.sqrt(np.mean(np.square((y - mu) / sigma)))) if y.size else 1.0
+    return _nll(y, mu, sigma * factor)
+
+
 def calibrate_scale(params: dict, y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
     """Set the sigma factor that minimises the Gaussian NLL on (y, mu, sigma): the root mean
     squared z-score. Returns the factor; `params` must not be calibrated yet."""
@@ -372,7 +380,7 @@ def train(
     best = (math.inf, 0, None)  # (nll, step, params)
     stale = 0
     if has_val and init is not None:
-        nll = _nll(*_predict_rows(fwd, params, val_rows))
+        nll = _calibrated_nll(*_predict_rows(fwd, params, val_rows))
         val_curve.append({"step": 0, "nll": nll})
         best = (nll, 0, jax.device_get(params))
     t_start = time.perf_counter()
@@ -426,7 +434,7 @@ def train(
                 t_log = now
             if has_val and (global_step % eval_every == 0 or global_step == total):
                 t_eval = time.perf_counter()
-                nll = _nll(*_predict_rows(fwd, params, val_rows))
+                nll = _calibrated_nll(*_predict_rows(fwd, params, val_rows))
                 eval_seconds += time.perf_counter() - t_eval
                 val_curve.append({"step": global_step, "nll": nll})
                 if nll < best[0]:
