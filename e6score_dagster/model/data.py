@@ -132,11 +132,17 @@ class ParquetBatches:
         validation_fraction: float = 0.0,
         exclude_fold: tuple[int, int] | None = None,
         only_fold: tuple[int, int] | None = None,
+        pool: ParquetBatches | None = None,
     ) -> None:
         """`rows`: "fit" is every trainable non-held-out post; "train" and "validation" split
         it by `validation_fraction`; "holdout" is never trained on; "all" is every post.
         `exclude_fold=(k, K)` drops fold k of K (a cross-fitting model's own fold);
-        `only_fold=(k, K)` keeps only fold k."""
+        `only_fold=(k, K)` keeps only fold k. `pool`: the "fit" rows of the same file, from
+        which a "fit", "train" or "validation" set takes what is derived once for them all
+        (`derived`) instead of deriving its own."""
+        if pool is not None and (pool.rows != "fit" or rows not in ("fit", "train", "validation")
+                                 or pool.exclude_fold or pool.only_fold):
+            raise ValueError(f"rows {rows!r} cannot be taken from a pool of {pool.rows!r} rows")
         self.path = Path(path)
         self.layout = layout
         self.batch_size = batch_size
@@ -146,6 +152,7 @@ class ParquetBatches:
         self.validation_fraction = validation_fraction
         self.exclude_fold = exclude_fold
         self.only_fold = only_fold
+        self.pool = pool
         self.wait_seconds = 0.0
         self._columns = [
             "id",
@@ -164,28 +171,32 @@ class ParquetBatches:
 
     def _mask(self, table: pa.Table) -> np.ndarray | None:
         rows = self._row_mask(table)
-        for folds, keep in ((self.exclude_fold, False), (self.only_fold, True)):
-            if folds is not None:
-                ids = table.column("id").to_numpy(zero_copy_only=False)
-                in_fold = fold_of(ids, folds[1]) == folds[0]
-                sel = in_fold if keep else ~in_fold
-                rows = sel if rows is None else rows & sel
+        by_fold = self.exclude_fold is not None or self.only_fold is not None
+        if self.rows in ("train", "validation") or by_fold:
+            by_id = self.id_mask(table.column("id").to_numpy(zero_copy_only=False))
+            rows = by_id if rows is None else rows & by_id
         return rows
 
     def _row_mask(self, table: pa.Table) -> np.ndarray | None:
+        """The rows of the row set by their flags (held out, trainable)."""
         if self.rows == "all":
             return None
         holdout = table.column("holdout").to_numpy(zero_copy_only=False)
         trainable = table.column("trainable").to_numpy(zero_copy_only=False)
         # Held-out rows are judged like training rows (e.g. no deleted posts), only unseen.
-        if self.rows == "holdout":
-            return holdout & trainable
-        fit = ~holdout & trainable
-        if self.rows == "fit":
-            return fit
-        ids = table.column("id").to_numpy(zero_copy_only=False)
-        val = validation_mask(ids, self.validation_fraction)
-        return fit & (val if self.rows == "validation" else ~val)
+        return holdout & trainable if self.rows == "holdout" else ~holdout & trainable
+
+    def id_mask(self, ids: np.ndarray) -> np.ndarray:
+        """Which of the posts `ids` the row set keeps by id alone (the validation split and
+        the folds): of a pool's "fit" rows, exactly this set's rows."""
+        keep = np.ones(len(ids), bool)
+        if self.rows in ("train", "validation"):
+            val = validation_mask(ids, self.validation_fraction)
+            keep &= val if self.rows == "validation" else ~val
+        for folds, want in ((self.exclude_fold, False), (self.only_fold, True)):
+            if folds is not None:
+                keep &= (fold_of(ids, folds[1]) == folds[0]) == want
+        return keep
 
     def fold(self, k: int, num_folds: int) -> ParquetBatches:
         """The same row set restricted to fold k of `num_folds` (read afresh)."""
@@ -266,17 +277,32 @@ class ParquetBatches:
             self._loaded = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return self._loaded
 
-    def derived(self, key: object, make: Callable[[Batch], object]) -> object:
+    def derived(
+        self,
+        key: object,
+        make: Callable[[Batch], object],
+        take: Callable[[object, np.ndarray], object] | None = None,
+    ) -> object:
         """`make(self.load())`, computed once per key while the rows stay loaded (the linear
-        and additive fits share one design matrix of their rows)."""
+        and additive fits share one design matrix of their rows). With a `pool` and `take`:
+        `take(what the pool derived, this set's mask of the pool's ids)`, so every fold's and
+        candidate's fit slices one derivation over all fit rows; the pool then lets its rows
+        go (it is kept for what is derived from them)."""
         if key not in self._derived:
-            self._derived[key] = make(self.load())
+            if self.pool is not None and take is not None:
+                whole = self.pool.derived(("ids", key), lambda rows: (rows["id"], make(rows)))
+                self.pool.release(keep_derived=True)
+                self._derived[key] = take(whole[1], self.id_mask(whole[0]))
+            else:
+                self._derived[key] = make(self.load())
         return self._derived[key]
 
-    def release(self) -> None:
-        """Forget the loaded rows and what was derived from them (the next load re-reads)."""
+    def release(self, keep_derived: bool = False) -> None:
+        """Forget the loaded rows, and what was derived from them unless `keep_derived` (the
+        next load re-reads)."""
         self._loaded = None
-        self._derived = {}
+        if not keep_derived:
+            self._derived = {}
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """Batches of one epoch, produced on a background thread while the caller computes."""

@@ -17,8 +17,13 @@ is still chosen by the evidence, not by hand).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import itertools
 import math
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import jax
@@ -63,12 +68,28 @@ class Design:
 
     z: np.ndarray
     s: sp.csr_matrix
+    y: np.ndarray  # [N] log1p(favs), standardised
+    rating: np.ndarray  # [N] for the scale's features
+    ext: np.ndarray
     row_category: np.ndarray = field(repr=False)  # [R] e621 category code of each row's tags
     row_dense: np.ndarray = field(repr=False)  # [R] whether the row is one dense tag's own
 
     @property
     def n_params(self) -> int:
         return self.z.shape[1] + 1 + self.s.shape[1]
+
+    def take(self, keep: np.ndarray) -> Design:
+        """The design of the posts where `keep` holds (rows copied; the tag rows' categories
+        stay those of the whole, so every slice groups its prior the same way)."""
+        idx = np.flatnonzero(keep)
+        return dataclasses.replace(
+            self,
+            z=self.z[idx],
+            s=self.s[idx],
+            y=self.y[idx],
+            rating=self.rating[idx],
+            ext=self.ext[idx],
+        )
 
     def predict(self, theta: np.ndarray) -> np.ndarray:
         d = self.z.shape[1]
@@ -127,15 +148,19 @@ def design(rows: Batch, config: ModelConfig, layout: FeatureLayout) -> Design:
     return Design(
         z=z,
         s=s,
+        y=((rows["y"] - layout.y_mean) / layout.y_std).astype(np.float32),
+        rating=np.asarray(rows["rating"]),
+        ext=np.asarray(rows["ext"]),
         row_category=counts.reshape(n_rows, CATEGORY_CODES).argmax(axis=1),
         row_dense=np.arange(n_rows) < n_dense,
     )
 
 
 def design_of(data: ParquetBatches, config: ModelConfig, layout: FeatureLayout) -> Design:
-    """The design of `data`'s rows, built once while they stay loaded."""
+    """The design of `data`'s rows, built once while they stay loaded, or sliced from its
+    pool's (built once for every fold's fits)."""
     key = ("ridge design", config.hash_bits, config.num_probes, config.time_frequencies)
-    return data.derived(key, lambda rows: design(rows, config, layout))
+    return data.derived(key, lambda rows: design(rows, config, layout), Design.take)
 
 
 def tag_groups(d: Design, by_category: bool) -> np.ndarray:
@@ -164,6 +189,39 @@ class RidgeFit:
     seconds: float
 
 
+PRODUCT_THREADS = 2  # SciPy's sparse products run on one core; split the rows over this many
+
+
+@functools.cache
+def _product_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(PRODUCT_THREADS, thread_name_prefix="e6score-ridge")
+
+
+def _threaded_products(s: sp.csr_matrix) -> tuple[Callable, Callable]:
+    """s @ v and s.T @ u with the rows split in PRODUCT_THREADS blocks, one thread each (SciPy
+    releases the GIL in them). The blocks share `s`'s arrays: no copy of the design."""
+    n = s.shape[0]
+    cuts = np.linspace(0, n, PRODUCT_THREADS + 1).astype(int)
+    blocks = []
+    for a, b in itertools.pairwise(cuts):
+        lo, hi = s.indptr[a], s.indptr[b]
+        blocks.append(
+            (a, b, sp.csr_matrix((s.data[lo:hi], s.indices[lo:hi], s.indptr[a : b + 1] - lo),
+                                 shape=(b - a, s.shape[1])))
+        )
+    if len(blocks) < 2 or n < 4 * ENCODE_CHUNK:
+        return (lambda v: s @ v), (lambda u: s.T @ u)
+    pool = _product_pool()
+
+    def forward(v: np.ndarray) -> np.ndarray:
+        return np.concatenate(list(pool.map(lambda blk: blk[2] @ v, blocks)))
+
+    def transposed(u: np.ndarray) -> np.ndarray:
+        return sum(pool.map(lambda blk: blk[2].T @ u[blk[0] : blk[1]], blocks))
+
+    return forward, transposed
+
+
 def fit_ridge(
     d: Design,
     y: np.ndarray,
@@ -185,6 +243,7 @@ def fit_ridge(
     dz = d.z.shape[1]
     s, z = d.s, d.z
     st = s.T  # a CSC view: its products are as fast as a transposed copy's, without the copy
+    tags, tags_t = _threaded_products(s)
     squared = sp.csr_matrix((np.square(s.data), s.indices, s.indptr), shape=s.shape)
     h_tags = np.bincount(s.indices, squared.data, s.shape[1]).astype(np.float32)
     diag = np.concatenate([np.square(z).sum(axis=0), [len(y)], h_tags]).astype(np.float32)
@@ -204,8 +263,8 @@ def fit_ridge(
         lam[dz + 1 :][groups < 0] = 1.0  # unused rows: keep them at 0
 
         def normal(v: np.ndarray, lam=lam) -> np.ndarray:
-            u = z @ v[:dz] + v[dz] + s @ v[dz + 1 :]
-            return np.concatenate([z.T @ u, [u.sum()], st @ u]) + lam * v
+            u = z @ v[:dz] + v[dz] + tags(v[dz + 1 :])
+            return np.concatenate([z.T @ u, [u.sum()], tags_t(u)]) + lam * v
 
         iters = 0
 
@@ -331,14 +390,13 @@ def train_ridge(
     `warm` = (params, prior precisions) of an earlier fit in the same parametrisation starts
     the solve near its answer."""
     t_load = time.perf_counter()
-    rows = data.load()
-    val_rows = validation.load() if validation is not None else None
     train_design = design_of(data, config, layout)
-    y = (rows["y"] - layout.y_mean) / layout.y_std
+    y = train_design.y
+    val_rows = validation.load() if validation is not None else None
     val = None
     if val_rows is not None and len(val_rows["y"]):
-        vy = (val_rows["y"] - layout.y_mean) / layout.y_std
-        val = (design_of(validation, config, layout), vy)
+        vd = design_of(validation, config, layout)
+        val = (vd, vd.y)
     load_seconds = time.perf_counter() - t_load
     groups = tag_groups(train_design, by_category=config.architecture == "additive")
     log(
@@ -358,7 +416,7 @@ def train_ridge(
     mean = y - fit.residual
     features = np.asarray(
         scale_features(
-            {"rating": jnp.asarray(rows["rating"]), "ext": jnp.asarray(rows["ext"])},
+            {"rating": jnp.asarray(train_design.rating), "ext": jnp.asarray(train_design.ext)},
             jnp.asarray(mean),
             layout.n_rating,
             layout.n_ext,

@@ -143,11 +143,15 @@ def validation_fraction(config: ModelConfig, fit_posts: int) -> float:
 
 
 def _datasets(
-    config: ModelConfig, layout: FeatureLayout, matrix: Path, fold: tuple[int, int] | None
+    config: ModelConfig,
+    layout: FeatureLayout,
+    matrix: Path,
+    fold: tuple[int, int] | None,
+    pool: ParquetBatches | None = None,
 ) -> tuple[ParquetBatches, ParquetBatches]:
     fit = ParquetBatches(matrix, layout, config.batch_size, rows="fit", exclude_fold=fold)
     fraction = validation_fraction(config, fit.num_rows())
-    split = {"validation_fraction": fraction, "exclude_fold": fold}
+    split = {"validation_fraction": fraction, "exclude_fold": fold, "pool": pool}
     data = ParquetBatches(
         matrix, layout, config.batch_size, rows="train", shuffle_seed=config.seed, **split
     )
@@ -230,7 +234,10 @@ def select_and_crossfit(
     unknown = set(config.candidates) - set(CANDIDATES)
     if unknown or not names:
         raise ValueError(f"unknown candidates {sorted(unknown)}; known: {CANDIDATES}")
-    data, validation = _datasets(config, layout, matrix, fold0)
+    # Every fit's rows come from one pool of all fit rows: the exact solves' design is built
+    # once over it and sliced per fold and per validation split.
+    pool = ParquetBatches(matrix, layout, config.batch_size, rows="fit")
+    data, validation = _datasets(config, layout, matrix, fold0, pool)
     held_out = ParquetBatches(matrix, layout, EVAL_BATCH, rows="holdout")
     fits: dict[str, CandidateFit] = {}
     params_of: dict[str, dict] = {}
@@ -278,7 +285,7 @@ def select_and_crossfit(
     for k in range(1, k_folds):
         t_fold = time.perf_counter()
         log(f"cross-fitting {chosen} without fold {k} of {k_folds}")
-        fdata, fval = _datasets(config, layout, matrix, (k, k_folds))
+        fdata, fval = _datasets(config, layout, matrix, (k, k_folds), pool)
         # Every fold's fit starts from fold 0's (the same rows but two folds' worth).
         base = None
         if chosen == "deep" and chosen_fit.base:
@@ -291,6 +298,8 @@ def select_and_crossfit(
         fdata.release()
         fval.release()
         fold_seconds.append(time.perf_counter() - t_fold)
+    pool.release()
+    held_out.release()
     holdout = out_of_fold_metrics(chosen_fit.config, layout, fold_params, matrix)
     return Selection(
         chosen=chosen,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +41,9 @@ RESIDENT_MAX_BYTES = 1_500_000_000
 # so every batch size sees the same number of posts.
 REFERENCE_BATCH = 2048
 PREDICT_BATCH = 8192
+# Rows scored more than once (a validation or hold-out slice, by every candidate) are loaded
+# once and kept up to this size; larger sets stream.
+RESIDENT_PREDICT_BYTES = 256_000_000
 
 
 ARCHITECTURES = {
@@ -222,6 +227,17 @@ def _forward(model: E6ScoreNet | LinearNet) -> Callable:
     return jax.jit(lambda params, batch: model.apply({"params": params}, batch))
 
 
+@functools.lru_cache(maxsize=16)
+def _forward_of(config: ModelConfig, layout_json: str) -> Callable:
+    return _forward(make_model(config, FeatureLayout.from_dict(json.loads(layout_json))))
+
+
+def forward_for(config: ModelConfig, layout: FeatureLayout) -> Callable:
+    """The jitted forward pass of `config`'s model, one per (config, layout): every candidate's
+    validation, hold-out and calibration scorings share its compilation."""
+    return _forward_of(config, json.dumps(layout.to_dict(), sort_keys=True))
+
+
 def _predict(fwd: Callable, params: dict, data: ParquetBatches) -> tuple[np.ndarray, ...]:
     ys, mus, sigmas = [], [], []
     for batch in data.epoch(0):
@@ -276,8 +292,7 @@ def calibrate_on_rows(
     config: ModelConfig, layout: FeatureLayout, params: dict, rows: Batch
 ) -> float:
     """`calibrate_scale` on loaded rows, scored through the model's jitted forward."""
-    fwd = _forward(make_model(config, layout))
-    return calibrate_scale(params, *_predict_rows(fwd, params, rows))
+    return calibrate_scale(params, *_predict_rows(forward_for(config, layout), params, rows))
 
 
 def _resident_chunks(
@@ -344,7 +359,7 @@ def train(
     the host reads the loss once per chunk; validation rows are resident and scored through
     one jitted forward."""
     model = make_model(config, layout)
-    fwd = _forward(model)
+    fwd = forward_for(config, layout)
     steps_per_epoch = data.steps()
     if steps_per_epoch == 0:
         raise ValueError("no training rows in the feature matrix")
@@ -515,8 +530,13 @@ def fit_with_baseline(
 def predict(
     config: ModelConfig, layout: FeatureLayout, params: dict, data: ParquetBatches
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(y, mu, sigma) for every real row of `data`, in batches."""
-    return _predict(_forward(make_model(config, layout)), params, data)
+    """(y, mu, sigma) for every real row of `data`: from its rows loaded once (and kept with
+    `data` for the next model scored on them) where they take at most RESIDENT_PREDICT_BYTES,
+    else streamed in batches."""
+    fwd = forward_for(config, layout)
+    if data.num_rows() * data.row_bytes() <= RESIDENT_PREDICT_BYTES:
+        return _predict_rows(fwd, params, data.load())
+    return _predict(fwd, params, data)
 
 
 def evaluate(
