@@ -64,7 +64,7 @@ DUMP_DATE = "2026-11-20"
 # publishes and reports (test_end_to_end.py). Model quality is measured by
 # benchmarks/worlds.py, selection itself tested on the pure package (test_select.py).
 FAST_TRAINING = {"epochs": 4, "batch_size": 256, "hash_bits": 12, "mlp_widths": [32],
-                 "baseline_min_steps": 100}
+                 "baseline_min_steps": 100, "folds": 3}
 # The orchestration tests (versions, faults, automation, the UI, the CLI) assert nothing about
 # which model is published, only that one is: two candidates and two folds keep them quick.
 QUICK_TRAINING = {**FAST_TRAINING, "candidates": ["constant", "linear"], "folds": 2}

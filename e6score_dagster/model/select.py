@@ -282,6 +282,9 @@ def select_and_crossfit(
     chosen_fit = fits[chosen]
     fold_params = [chosen_fit.params]
     fold_seconds = [time.perf_counter() - t0]
+    # The prior widths are hyper-parameters, chosen by the evidence on fold 0's fit: each refit
+    # keeps them and solves once, from fold 0's solution.
+    refit = dataclasses.replace(config, evidence_rounds=1)
     for k in range(1, k_folds):
         t_fold = time.perf_counter()
         log(f"cross-fitting {chosen} without fold {k} of {k_folds}")
@@ -291,9 +294,9 @@ def select_and_crossfit(
         if chosen == "deep" and chosen_fit.base:
             first = fits[chosen_fit.base]
             warm = (first.params, first.prior_precision)
-            base, _ = _fit(first.name, config, layout, fdata, fval, log, warm=warm)
+            base, _ = _fit(first.name, refit, layout, fdata, fval, log, warm=warm)
         warm = (chosen_fit.params, chosen_fit.prior_precision) if chosen in ADDITIVE else None
-        params, _ = _fit(chosen, config, layout, fdata, fval, log, base, warm)
+        params, _ = _fit(chosen, refit, layout, fdata, fval, log, base, warm)
         fold_params.append(params)
         fdata.release()
         fval.release()
