@@ -129,3 +129,40 @@ def test_the_scale_follows_the_noise_of_each_rating(world):
     z = (y - mu) / sigma
     for r in (0, 2):  # calibrated within each rating, not only on average
         assert 0.85 < z[rating == r].std() < 1.15
+
+
+def test_a_fold_sliced_from_the_pool_has_the_design_of_its_own_rows(world):
+    """Every fit's design is a slice of one design over all fit rows: it must hold exactly
+    the rows (and their order) that the fold and validation split would have read."""
+    path, layout, _, _ = world
+    pool = ParquetBatches(path, layout, 512, rows="fit")
+    split = {"validation_fraction": 0.15, "exclude_fold": (1, 5)}
+    for rows in ("train", "validation"):
+        own = ParquetBatches(path, layout, 512, rows=rows, **split)
+        pooled = ParquetBatches(path, layout, 512, rows=rows, pool=pool, **split)
+        a, b = design_of(own, CONFIG, layout), design_of(pooled, CONFIG, layout)
+        assert 0 < len(a.y) < 9000
+        np.testing.assert_array_equal(a.y, b.y)
+        np.testing.assert_array_equal(a.z, b.z)
+        assert (a.s != b.s).nnz == 0 and a.s.shape == b.s.shape
+    assert pool._loaded is None  # the pool keeps only what was derived from its rows
+    with pytest.raises(ValueError, match="cannot be taken from a pool"):
+        ParquetBatches(path, layout, 512, rows="holdout", pool=pool)
+
+
+def test_the_threaded_sparse_products_equal_scipys():
+    """The solver's products split the rows over threads (large designs only)."""
+    import scipy.sparse as sp
+
+    from e6score_dagster.model.ridge import _threaded_products
+
+    rng = np.random.default_rng(0)
+    n, m = 300_000, 5000
+    per_row = rng.integers(0, 8, n)
+    indptr = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    s = sp.csr_matrix((rng.random(indptr[-1], dtype=np.float32),
+                       rng.integers(0, m, indptr[-1]).astype(np.int32), indptr), shape=(n, m))
+    forward, transposed = _threaded_products(s)
+    v, u = rng.normal(size=m).astype(np.float32), rng.normal(size=n).astype(np.float32)
+    np.testing.assert_allclose(forward(v), s @ v, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(transposed(u), s.T @ u, rtol=1e-4, atol=1e-3)
