@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from e6score_dagster.model import FeatureLayout, ModelConfig, ParquetBatches
-from e6score_dagster.model.network import CATEGORY_CODES
+from e6score_dagster.model.network import CATEGORY_CODES, Link
 from e6score_dagster.model.ridge import design_of, tag_groups, theta_of, train_ridge
 from e6score_dagster.model.train import evaluate, predict
 
@@ -25,10 +26,10 @@ def _quiet(_: str) -> None:
     pass
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Log-favourites = artist effects (sd 0.8) + general-tag effects (sd 0.03) + noise, twice
-    as much noise for rating 2."""
+def _matrix(path, counts: bool):
+    """Artist effects (sd 0.8) + general-tag effects (sd 0.03) + noise, twice as much noise
+    for rating 2. With `counts`: that sum is the log rate of Poisson favourites (so the mean
+    of log1p(favs) bends away from it where few are expected); else it is log1p(favs)."""
     rng = np.random.default_rng(3)
     n = 12000
     index = np.arange(1, N_TAGS + 1)
@@ -41,12 +42,15 @@ def world(tmp_path_factory):
     codes = np.where(pick > 0, pick * CATEGORY_CODES + category[np.maximum(pick, 1) - 1], 0)
     rating = rng.integers(0, 3, n)
     noise = np.where(rating == 2, 1.0, 0.5)  # explicit posts twice as noisy
-    y = 2.0 + np.where(pick > 0, effect[np.maximum(pick, 1) - 1], 0).sum(1)
+    y = (0.5 if counts else 2.0) + np.where(pick > 0, effect[np.maximum(pick, 1) - 1], 0).sum(1)
     y += rng.normal(0, 1, n) * noise
+    fav = rng.poisson(np.exp(y)) if counts else np.round(np.expm1(np.maximum(y, 0)))
+    if counts:
+        y = np.log1p(fav)
     ids = np.arange(1, n + 1) * 7
     table = pa.table({
         "id": ids,
-        "fav_count": np.round(np.expm1(np.maximum(y, 0))).astype(np.int64),
+        "fav_count": fav.astype(np.int64),
         "y": y.astype(np.float32),
         "tags": pa.array(list(codes.astype(np.int32)), type=pa.list_(pa.int32())),
         "rating_idx": rating.astype(np.int8),
@@ -55,7 +59,6 @@ def world(tmp_path_factory):
         "holdout": (ids % 10) == 0,
         "trainable": np.ones(n, bool),
     })
-    path = tmp_path_factory.mktemp("ridge") / "matrix.parquet"
     pq.write_table(table, path, row_group_size=2000)
     train_y = y[(ids % 10) != 0]
     layout = FeatureLayout(
@@ -68,11 +71,19 @@ def world(tmp_path_factory):
     return path, layout, data, val
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return _matrix(tmp_path_factory.mktemp("ridge") / "matrix.parquet", counts=False)
+
+
 def test_the_network_predicts_exactly_what_the_solve_did(world):
     path, layout, data, val = world
     result = train_ridge(CONFIG, layout, data, val, log=_quiet)
     d = design_of(data, CONFIG, layout)
-    solved = layout.y_mean + layout.y_std * d.predict(theta_of(result.params))
+    additive = jnp.asarray(d.predict(theta_of(result.params)))
+    solved = layout.y_mean + layout.y_std * np.asarray(
+        Link().apply({"params": result.params["link"]}, additive)
+    )
     y, mu, _ = predict(CONFIG, layout, result.params,
                        ParquetBatches(path, layout, 512, rows="train", validation_fraction=0.15))
     np.testing.assert_allclose(mu, solved, atol=1e-3)
@@ -166,3 +177,19 @@ def test_the_threaded_sparse_products_equal_scipys():
     v, u = rng.normal(size=m).astype(np.float32), rng.normal(size=n).astype(np.float32)
     np.testing.assert_allclose(forward(v), s @ v, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(transposed(u), s.T @ u, rtol=1e-4, atol=1e-3)
+
+
+def test_the_link_bends_the_mean_where_counts_are_few(tmp_path):
+    """Favourites are Poisson counts around an additive log rate: log1p(favs) cannot go below
+    0, so where the additive mean is low the fitted link lifts it, and the held-out NLL is
+    better than the same fit with the link taken out."""
+    path, layout, data, val = _matrix(tmp_path / "counts.parquet", counts=True)
+    result = train_ridge(CONFIG, layout, data, val, log=_quiet)
+    held = ParquetBatches(path, layout, 512, rows="holdout")
+    unlinked = {**result.params, "link": {"kernel": np.zeros_like(result.params["link"]["kernel"])}}
+    assert evaluate(CONFIG, layout, result.params, held)["nll"] < (
+        evaluate(CONFIG, layout, unlinked, held)["nll"] - 0.005
+    )
+    low = jnp.asarray([-2.5, -2.0], jnp.float32)  # standardised: fewer than one favourite
+    lifted = np.asarray(Link().apply({"params": result.params["link"]}, low))
+    assert (lifted > np.asarray(low) + 0.1).all()

@@ -152,7 +152,7 @@ class E6ScoreNet(nn.Module):
         wide = nn.Dense(1, kernel_init=nn.initializers.zeros, name="wide")(
             metadata_features(batch, self.n_rating, self.n_ext, cfg.time_frequencies)
         )[:, 0]
-        additive = linear + wide
+        additive = Link(name="link")(linear + wide)
         rating = nn.Embed(self.n_rating, 8, name="rating")(batch["rating"])
         ext = nn.Embed(self.n_ext, 8, name="ext")(batch["ext"])
         x0 = jnp.concatenate(
@@ -215,7 +215,7 @@ class LinearNet(nn.Module):
         tag_term = (tag_w * mask).sum(axis=1)
         x = metadata_features(batch, self.n_rating, self.n_ext, cfg.time_frequencies)
         linear = nn.Dense(1, kernel_init=nn.initializers.zeros, name="linear")(x)[:, 0]
-        mean = linear + tag_term
+        mean = Link(name="link")(linear + tag_term)
         mu = self.y_mean + self.y_std * mean
         log_scale = self.param("log_scale", nn.initializers.zeros, ())
         # The noise of log1p(favs) is not one number: it depends on the expected count (few
@@ -262,8 +262,30 @@ def scale_features(batch: dict[str, jnp.ndarray], mean: jnp.ndarray, n_rating: i
     )
 
 
+# Knots of the additive models' link, in standard deviations of log1p(favs) about its mean.
+LINK_KNOTS = tuple(k / 2 for k in range(-6, 7))
+
+
+def link_features(mean: jnp.ndarray) -> jnp.ndarray:
+    """Hinges max(0, knot - mean) at LINK_KNOTS: a piecewise-linear function of the additive
+    mean, free below each knot."""
+    return jnp.maximum(0.0, jnp.asarray(LINK_KNOTS, jnp.float32)[None, :] - mean[:, None])
+
+
+class Link(nn.Module):
+    """The additive models' link: mean -> mean + a piecewise-linear correction (zero at
+    initialisation). Favourites are counts: log1p of a count cannot fall below 0 and is
+    noisiest near it, so E[log1p(favs)] bends away from a sum of effects where few favourites
+    are expected; an additive mean alone cannot bend."""
+
+    @nn.compact
+    def __call__(self, mean: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", nn.initializers.zeros, (len(LINK_KNOTS), 1))
+        return mean + (link_features(mean) @ kernel)[:, 0]
+
+
 # The additive terms a warm start copies from the additive fit, and training then keeps fixed.
-WARM_FROZEN = (("tags", "bias"), ("tags", "shrink"), ("wide",), ("scale",))
+WARM_FROZEN = (("tags", "bias"), ("tags", "shrink"), ("wide",), ("scale",), ("link",))
 
 
 def warm_start(params: dict, additive: dict) -> dict:
@@ -278,8 +300,9 @@ def warm_start(params: dict, additive: dict) -> dict:
     if "shrink" in additive:
         out["tags"]["shrink"] = jax.tree_util.tree_map(np.array, additive["shrink"])
     out["wide"] = {k: np.array(v) for k, v in additive["linear"].items()}
-    if "scale" in additive:
-        out["scale"] = {"kernel": np.array(additive["scale"]["kernel"])}
+    for part in ("scale", "link"):
+        if part in additive:
+            out[part] = {"kernel": np.array(additive[part]["kernel"])}
     scale = float(np.exp(additive["log_scale"] + additive["sigma_calibration"]))
     head_bias = np.array(out["head"]["bias"])
     head_bias[1] = math.log(math.expm1(max(scale - 1e-3, 1e-3))) - 0.5413

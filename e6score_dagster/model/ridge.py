@@ -38,8 +38,10 @@ from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches
 from e6score_dagster.model.network import (
     CATEGORY_CODES,
     UPLOADER_CATEGORY,
+    Link,
     effect_rows,
     gaussian_nll,
+    link_features,
     metadata_features,
     scale_features,
 )
@@ -350,9 +352,21 @@ def fit_log_scale(resid: np.ndarray, leverage: np.ndarray, features: np.ndarray)
     return minimize(nll, start, jac=True, method="L-BFGS-B").x
 
 
-def to_params(fit: RidgeFit, init: dict, n_metadata: int, log_scale: np.ndarray) -> dict:
+def fit_link(mean: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The link's coefficients (`network.Link`): least squares of y - mean on the hinges of
+    `mean` (out-of-sample predictions), with a whisper of L2 (hinges beyond the data are
+    flat)."""
+    x = np.asarray(link_features(jnp.asarray(mean, jnp.float32)), np.float64)
+    gram = x.T @ x + SCALE_PRIOR * len(y) * np.eye(x.shape[1])
+    return np.linalg.solve(gram, x.T @ (np.asarray(y, np.float64) - mean)).astype(np.float32)
+
+
+def to_params(
+    fit: RidgeFit, init: dict, n_metadata: int, log_scale: np.ndarray, link: np.ndarray
+) -> dict:
     """`LinearNet` params (from `init`, e.g. zero shrinkage) that predict what `fit` does,
-    with the log scale's coefficients `log_scale` (constant first)."""
+    through the link's coefficients `link`, with the log scale's coefficients `log_scale`
+    (constant first)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in init.items()}
     theta = fit.theta
     out["linear"] = {
@@ -362,6 +376,7 @@ def to_params(fit: RidgeFit, init: dict, n_metadata: int, log_scale: np.ndarray)
     out["tag_weight"] = np.asarray(theta[n_metadata + 1 :], np.float32)
     out["log_scale"] = np.asarray(log_scale[0], np.float32)
     out["scale"] = {"kernel": np.asarray(log_scale[1:, None], np.float32)}
+    out["link"] = {"kernel": np.asarray(link[:, None], np.float32)}
     out["sigma_calibration"] = np.asarray(0.0, np.float32)
     return out
 
@@ -413,7 +428,12 @@ def train_ridge(
         theta0=theta_of(warm[0]) if warm else None,
         prior0=warm[1] if warm else None,
     )
-    mean = y - fit.residual
+    # Each training post's leave-one-out prediction (the diagonal leverage approximation):
+    # what the fit predicts for posts it did not see, so the link and the scale are fitted to
+    # out-of-sample behaviour.
+    loo = y - fit.residual / (1.0 - fit.leverage)
+    link = fit_link(loo, y)
+    mean = np.asarray(Link().apply({"params": {"kernel": link[:, None]}}, jnp.asarray(loo)))
     features = np.asarray(
         scale_features(
             {"rating": jnp.asarray(train_design.rating), "ext": jnp.asarray(train_design.ext)},
@@ -422,8 +442,8 @@ def train_ridge(
             layout.n_ext,
         )
     )
-    log_scale = fit_log_scale(fit.residual, fit.leverage, features)
-    params = to_params(fit, init_params(config, layout), train_design.z.shape[1], log_scale)
+    log_scale = fit_log_scale(y - mean, np.zeros_like(y), features)
+    params = to_params(fit, init_params(config, layout), train_design.z.shape[1], log_scale, link)
     factor = 1.0
     if val_rows is not None and len(val_rows["y"]):
         factor = calibrate_on_rows(config, layout, params, val_rows)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -227,15 +226,18 @@ def _forward(model: E6ScoreNet | LinearNet) -> Callable:
     return jax.jit(lambda params, batch: model.apply({"params": params}, batch))
 
 
-@functools.lru_cache(maxsize=16)
-def _forward_of(config: ModelConfig, layout_json: str) -> Callable:
-    return _forward(make_model(config, FeatureLayout.from_dict(json.loads(layout_json))))
+_FORWARDS: dict[tuple[str, str], Callable] = {}
 
 
 def forward_for(config: ModelConfig, layout: FeatureLayout) -> Callable:
     """The jitted forward pass of `config`'s model, one per (config, layout): every candidate's
     validation, hold-out and calibration scorings share its compilation."""
-    return _forward_of(config, json.dumps(layout.to_dict(), sort_keys=True))
+    key = (config.fingerprint(), json.dumps(layout.to_dict(), sort_keys=True))
+    if key not in _FORWARDS:
+        if len(_FORWARDS) >= 16:
+            _FORWARDS.clear()
+        _FORWARDS[key] = _forward(make_model(config, layout))
+    return _FORWARDS[key]
 
 
 def _predict(fwd: Callable, params: dict, data: ParquetBatches) -> tuple[np.ndarray, ...]:
