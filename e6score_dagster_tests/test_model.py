@@ -260,6 +260,11 @@ def test_warm_start_predicts_exactly_the_additive_fit_and_training_only_improves
     best = min(v["nll"] for v in model.validation)
     assert model.best_step == min(model.validation, key=lambda v: v["nll"])["step"]
     assert _validation_nll(cfg, layout, model.params, val)[0] <= best + 1e-5 <= add_nll + 1e-5
+    # The deep part learnt (it moved), the frozen additive terms did not.
+    assert model.best_step > 0
+    np.testing.assert_array_equal(model.params["tags"]["bias"], fits.additive.params["tag_weight"])
+    np.testing.assert_array_equal(model.params["wide"]["kernel"],
+                                  fits.additive.params["linear"]["kernel"])
     # The baseline is a plain additive fit: no shrinkage parameters.
     assert "shrink" not in linear.params and "shrink" in fits.additive.params
     assert serialization.to_bytes(fits.additive.params) == serialization.to_bytes(
