@@ -48,6 +48,10 @@ SELECTION_MARGIN = 1e-4
 MIN_GAIN_OVER_CONSTANT = 0.01
 CURRENT_TOLERANCE = 0.01
 EVAL_BATCH = 8192
+# The shared design's size: about 30 tag entries a post (8 bytes each) and 50 dense metadata
+# features (4 bytes each). Up to POOL_MAX_BYTES (about 2M fit posts) it is built once.
+POOL_BYTES_PER_ROW = 30 * 8 + 50 * 4
+POOL_MAX_BYTES = 1_000_000_000
 MAX_VALIDATION_FRACTION = 0.2
 
 
@@ -235,8 +239,11 @@ def select_and_crossfit(
     if unknown or not names:
         raise ValueError(f"unknown candidates {sorted(unknown)}; known: {CANDIDATES}")
     # Every fit's rows come from one pool of all fit rows: the exact solves' design is built
-    # once over it and sliced per fold and per validation split.
+    # once over it and sliced per fold and per validation split. Where that design would be
+    # large (it lives beside each fold's slice), each fit builds its own instead.
     pool = ParquetBatches(matrix, layout, config.batch_size, rows="fit")
+    if pool.num_rows() * POOL_BYTES_PER_ROW > POOL_MAX_BYTES:
+        pool = None
     data, validation = _datasets(config, layout, matrix, fold0, pool)
     held_out = ParquetBatches(matrix, layout, EVAL_BATCH, rows="holdout")
     fits: dict[str, CandidateFit] = {}
@@ -301,7 +308,8 @@ def select_and_crossfit(
         fdata.release()
         fval.release()
         fold_seconds.append(time.perf_counter() - t_fold)
-    pool.release()
+    if pool is not None:
+        pool.release()
     held_out.release()
     holdout = out_of_fold_metrics(chosen_fit.config, layout, fold_params, matrix)
     return Selection(
