@@ -361,6 +361,30 @@ def fit_link(mean: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.linalg.solve(gram, x.T @ (np.asarray(y, np.float64) - mean)).astype(np.float32)
 
 
+def fit_link_and_metadata(
+    mean: np.ndarray, y: np.ndarray, z: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The link's coefficients, and a shift of the metadata weights and bias (one Gauss-Newton
+    step through the link): with the mean bent, a group of posts with few favourites (say a
+    rare file type) would otherwise keep an effect fitted without the bend. Refits the link
+    after the shift. `mean`: out-of-sample predictions."""
+    link = fit_link(mean, y)
+    d = z.shape[1] + 1
+    gram = np.zeros((d, d))
+    rhs = np.zeros(d)
+    for i in range(0, len(y), ENCODE_CHUNK * 4):  # bounded temporaries on big dumps
+        m = jnp.asarray(mean[i : i + ENCODE_CHUNK * 4], jnp.float32)
+        slope = 1.0 - np.asarray((link_features(m) > 0) @ link, np.float64)
+        bent = np.asarray(Link().apply({"params": {"kernel": link[:, None]}}, m), np.float64)
+        zb = np.concatenate([z[i : i + len(m)], np.ones((len(m), 1), np.float32)], axis=1)
+        weighted = zb * slope[:, None].astype(np.float32)
+        gram += (weighted.T @ weighted).astype(np.float64)
+        rhs += weighted.T.astype(np.float64) @ (y[i : i + len(m)] - bent)
+    shift = np.linalg.solve(gram + METADATA_PRIOR * np.eye(d), rhs).astype(np.float32)
+    moved = mean + z @ shift[:-1] + shift[-1]
+    return fit_link(moved, y), shift
+
+
 def to_params(
     fit: RidgeFit, init: dict, n_metadata: int, log_scale: np.ndarray, link: np.ndarray
 ) -> dict:
@@ -432,7 +456,10 @@ def train_ridge(
     # what the fit predicts for posts it did not see, so the link and the scale are fitted to
     # out-of-sample behaviour.
     loo = y - fit.residual / (1.0 - fit.leverage)
-    link = fit_link(loo, y)
+    link, shift = fit_link_and_metadata(loo, y, train_design.z)
+    fit.theta = fit.theta.copy()
+    fit.theta[: len(shift)] += shift
+    loo = loo + train_design.z @ shift[:-1] + shift[-1]
     mean = np.asarray(Link().apply({"params": {"kernel": link[:, None]}}, jnp.asarray(loo)))
     features = np.asarray(
         scale_features(

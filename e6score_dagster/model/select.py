@@ -254,6 +254,7 @@ def select_and_crossfit(
             done = [n for n in ADDITIVE if n in fits]
             if done:
                 base_name = min(done, key=lambda n: fits[n].validation["nll"])
+            data.release()  # the exact fits are done: their design goes before the deep rows come
         log(f"candidate {name}" + (f" (on top of {base_name})" if base_name else ""))
         t_fit = time.perf_counter()
         base = params_of.get(base_name) if base_name else None
