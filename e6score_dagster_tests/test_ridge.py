@@ -193,3 +193,22 @@ def test_the_link_bends_the_mean_where_counts_are_few(tmp_path):
     low = jnp.asarray([-2.5, -2.0], jnp.float32)  # standardised: fewer than one favourite
     lifted = np.asarray(Link().apply({"params": result.params["link"]}, low))
     assert (lifted > np.asarray(low) + 0.1).all()
+
+
+def test_the_metadata_weights_are_refitted_through_the_link():
+    """A small group of posts (think `swf`) whose effect was fitted without the bend: one
+    Gauss-Newton step through the link moves its weight to where the bent mean fits it."""
+    from e6score_dagster.model.ridge import fit_link_and_metadata
+
+    rng = np.random.default_rng(5)
+    n = 200_000
+    truth = rng.normal(0.0, 1.2, n)
+    z = np.zeros((n, 2), np.float32)
+    z[:, 0] = rng.random(n) < 0.05  # the small group
+    z[:, 1] = rng.normal(size=n)  # a feature the fit already has right
+    y = np.logaddexp(0.0, 1.5 * truth) / 1.5 + rng.normal(0, 0.3, n)  # a soft floor
+    mean = (truth - 0.5 * z[:, 0]).astype(np.float32)  # the group's effect 0.5 too low
+    link, shift = fit_link_and_metadata(mean, y.astype(np.float32), z)
+    assert shift[0] == pytest.approx(0.5, abs=0.08)
+    assert abs(shift[1]) < 0.03 and abs(shift[2]) < 0.05  # the rest stays
+    assert np.abs(link).max() > 0.1  # and the link bends
