@@ -418,6 +418,7 @@ def train(
     t_start = time.perf_counter()
     t_log = t_start
     eval_seconds = 0.0
+    steady: tuple[float, float, int] | None = None  # (time, eval seconds, step) after compiling
     running, n_running, global_step = 0.0, 0, 0
     record_every = max(1, total // 200)
     valid_mask = np.arange(chunk)
@@ -439,6 +440,8 @@ def train(
                 params, opt_state, chunk_rows, idx, weight, valid_mask < real, global_step
             )
             losses = np.asarray(losses)[:real]
+            if steady is None:  # the first dispatch compiled the step: throughput from here
+                steady = (time.perf_counter(), eval_seconds, global_step + real)
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:
                 raise NonFiniteLossError(
@@ -481,6 +484,10 @@ def train(
                     stop = True
                     break
     seconds = time.perf_counter() - t_start - eval_seconds
+    rate = global_step * config.batch_size / seconds
+    if steady is not None and global_step > steady[2]:
+        steady_seconds = time.perf_counter() - steady[0] - (eval_seconds - steady[1])
+        rate = (global_step - steady[2]) * config.batch_size / steady_seconds
     final = jax.device_get(params) if best[2] is None else best[2]
     factor = 1.0
     if has_val:
@@ -492,7 +499,7 @@ def train(
         steps=global_step,
         seconds=seconds,
         data_wait_seconds=load_seconds + data.wait_seconds - wait_start,
-        posts_per_second=global_step * config.batch_size / seconds,
+        posts_per_second=rate,  # compilation excluded
         history=history,
         validation=val_curve,
         best_step=best[1] if best[2] is not None else global_step,
