@@ -37,6 +37,7 @@ from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches
 from e6score_dagster.model.network import (
     CATEGORY_CODES,
+    LINK_KNOTS,
     UPLOADER_CATEGORY,
     Link,
     effect_rows,
@@ -375,7 +376,7 @@ def fit_link_and_metadata(
     for i in range(0, len(y), ENCODE_CHUNK * 4):  # bounded temporaries on big dumps
         m = jnp.asarray(mean[i : i + ENCODE_CHUNK * 4], jnp.float32)
         slope = 1.0 - np.asarray((link_features(m) > 0) @ link, np.float64)
-        bent = np.asarray(Link().apply({"params": {"kernel": link[:, None]}}, m), np.float64)
+        bent = linked(link, m).astype(np.float64)
         zb = np.concatenate([z[i : i + len(m)], np.ones((len(m), 1), np.float32)], axis=1)
         weighted = zb * slope[:, None].astype(np.float32)
         gram += (weighted.T @ weighted).astype(np.float64)
@@ -383,6 +384,38 @@ def fit_link_and_metadata(
     shift = np.linalg.solve(gram + METADATA_PRIOR * np.eye(d), rhs).astype(np.float32)
     moved = mean + z @ shift[:-1] + shift[-1]
     return fit_link(moved, y), shift
+
+
+def linked(link: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """`mean` through the link with coefficients `link` (`network.Link`)."""
+    return np.asarray(Link().apply({"params": {"kernel": link[:, None]}}, jnp.asarray(mean)))
+
+
+def choose_link(
+    loo: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    theta: np.ndarray,
+    validation: tuple[Design, np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(link coefficients, metadata shift): none, the link alone, or the link with the
+    metadata refitted through it, whichever predicts the validation slice best (on a small
+    dump the leave-one-out predictions they are fitted to are rough, and the plain additive
+    mean can be the better one)."""
+    n_links = len(LINK_KNOTS)
+    options = [(np.zeros(n_links, np.float32), np.zeros(z.shape[1] + 1, np.float32))]
+    options.append((fit_link(loo, y), options[0][1]))
+    options.append(fit_link_and_metadata(loo, y, z))
+    if validation is None or not len(validation[1]):
+        return options[-1]
+    vd, vy = validation
+
+    def error(option: tuple[np.ndarray, np.ndarray]) -> float:
+        link, shift = option
+        moved = vd.predict(theta) + vd.z @ shift[:-1] + shift[-1]
+        return float(np.mean(np.square(vy - linked(link, moved))))
+
+    return min(options, key=error)
 
 
 def to_params(
@@ -456,11 +489,11 @@ def train_ridge(
     # what the fit predicts for posts it did not see, so the link and the scale are fitted to
     # out-of-sample behaviour.
     loo = y - fit.residual / (1.0 - fit.leverage)
-    link, shift = fit_link_and_metadata(loo, y, train_design.z)
+    link, shift = choose_link(loo, y, train_design.z, fit.theta, val)
     fit.theta = fit.theta.copy()
     fit.theta[: len(shift)] += shift
     loo = loo + train_design.z @ shift[:-1] + shift[-1]
-    mean = np.asarray(Link().apply({"params": {"kernel": link[:, None]}}, jnp.asarray(loo)))
+    mean = linked(link, loo)
     features = np.asarray(
         scale_features(
             {"rating": jnp.asarray(train_design.rating), "ext": jnp.asarray(train_design.ext)},
