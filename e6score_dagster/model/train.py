@@ -143,29 +143,17 @@ def _optimizer(
         return tx
 
     def labels(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "frozen" if _is_frozen(path, frozen) else "train", params
-        )
+        def label(path, _):
+            keys = tuple(getattr(k, "key", str(k)) for k in path)
+            return "frozen" if any(keys[: len(f)] == f for f in frozen) else "train"
+
+        return jax.tree_util.tree_map_with_path(label, params)
 
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def _is_frozen(path, frozen: tuple[tuple[str, ...], ...]) -> bool:
-    keys = tuple(getattr(k, "key", str(k)) for k in path)
-    return any(keys[: len(f)] == f for f in frozen)
-
-
-def _loss_fn(model: E6ScoreNet | LinearNet, frozen: tuple[tuple[str, ...], ...] = ()) -> Callable:
-    """The weighted Gaussian NLL of a batch. Params under `frozen` enter as constants, so the
-    backward pass never computes their gradients (the frozen additive tag effects' scatter-add
-    would cost about as much as their gather)."""
-
+def _loss_fn(model: E6ScoreNet | LinearNet) -> Callable:
     def loss(params, batch, rng):
-        if frozen:
-            params = jax.tree_util.tree_map_with_path(
-                lambda path, v: jax.lax.stop_gradient(v) if _is_frozen(path, frozen) else v,
-                params,
-            )
         mu, sigma = model.apply(
             {"params": params}, model_inputs(batch), train=True, rngs={"dropout": rng}
         )
@@ -189,15 +177,12 @@ def _train_step(model: E6ScoreNet | LinearNet, tx: optax.GradientTransformation)
 
 
 def _chunk_runner(
-    model: E6ScoreNet | LinearNet,
-    tx: optax.GradientTransformation,
-    dropout_key: jax.Array,
-    frozen: tuple[tuple[str, ...], ...] = (),
+    model: E6ScoreNet | LinearNet, tx: optax.GradientTransformation, dropout_key: jax.Array
 ) -> Callable:
     """Several optimiser steps in one dispatch: a `lax.scan` over rows of `idx`, each step
     gathering its batch from the resident `rows` on the device. Steps with `valid` False (the
     padding of a short chunk) leave params and optimiser state untouched."""
-    grad = jax.value_and_grad(_loss_fn(model, frozen))
+    grad = jax.value_and_grad(_loss_fn(model))
 
     @jax.jit
     def run(params, opt_state, rows, idx, weight, valid, step0):
@@ -386,7 +371,7 @@ def train(
     tx = _optimizer(config, total, frozen)
     params = init_params(config, layout) if init is None else init
     opt_state = tx.init(params)
-    run = _chunk_runner(model, tx, jax.random.PRNGKey(config.seed + 1), frozen)
+    run = _chunk_runner(model, tx, jax.random.PRNGKey(config.seed + 1))
     # Scored a few times per epoch, but not so often that a tiny slice's noise stops the run;
     # chunks end on scoring steps.
     eval_every = max(MIN_EVAL_STEPS, steps_per_epoch // max(1, config.evals_per_epoch))
