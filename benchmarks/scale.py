@@ -224,47 +224,47 @@ def machine() -> str:
 
 FINDINGS = """## What the measurements show
 
-The 100k and 1M columns were re-measured on 2026-11-30 (second session) with the additive
-candidates solved exactly (`model/ridge.py`: conjugate gradients on the sparse design, prior
-widths by the evidence); the 6M column is from 2026-11-29, before model selection, and has not
-been re-run. The machine's speed varies by about a third within a session (the bare scan of the
-same file took 4.7-6.4 s): compare a step with the scan measured beside it.
+The 100k and 1M columns were re-measured on 2026-11-30 (third session): five cross-fitting
+folds, the additive fits with a link, calibrated early stopping. The 6M column is from
+2026-11-29, before model selection, and was not re-run. The machine's speed varies by about a
+third within a session: compare a step with the bare scan measured beside it.
 
-- **`cleaned_posts`: within 2x of the bare scan at 1M posts (target 2x, met; 6M not
-  re-measured).** Profiled on a 300k-post dump with DuckDB alone (`count(*)` scan 1.9-2.2 s):
-  the typed table with every column and the tag array took 13.7 s; without the tag array 5.9 s
-  (a list of ~30 strings per post costs more to build and store than the whole CSV parse);
-  with the free-text columns (`md5`, `source`, `tag_string`, `locked_tags`, `description`)
-  stored uncompressed 3.4 s; keeping the raw text of `id`, `created_at` and `fav_count` only
-  for rows whose typing fails 3.1 s. The tag array is split from `tag_string` where it is read.
-- **`fitted_params` at 1M: 84 s, 2,314 MB peak RSS.** Read off the step's log in a worlds
-  run (classic world, 1M posts, 91 s): loading the training rows 6 s; the linear candidate
-  19 s (building the sparse design 6 s, four evidence rounds of conjugate gradients 13 s);
-  the additive candidate 13 s (seven rounds, warm-started from the linear fit, 8 s; the
-  heteroscedastic scale and calibration 5 s); the deep stage 22 s (compile and transfer 5 s,
-  265 steps at 48k posts/s 14 s, validation 3 s), which does not improve on its start here
-  but does in the `interactions` world; each cross-fitting refit 12 s (rows and design 6 s,
-  two rounds warm-started from fold 0's solution 3 s); hold-out metrics and the report 9 s.
-  Before (the additive candidates fitted by AdamW): 77 s, with a held-out NLL 0.041 nats
-  worse (1.5002 against 1.4593; the oracle's 1.3718). What would remove more: one design for
-  all fit rows, sliced per fold (about 10 s); the design's products on both cores (SciPy's
-  are single-threaded: about half of the 21 s of solves); skipping the deep stage where it
-  cannot improve.
-- **Whole chain at 1M posts: 136 s of step time, 172 s with one CLI process per step
-  (target 100 s: missed); largest step's peak RSS 2,499 MB, `scored_posts` (target 2,560 MB:
-  met).** The fits keep their rows and design only while they use them; the design is
-  one sparse matrix of float32 entries (17M at 1M posts) without a transposed copy.
-- **Deep stage: 57k posts/s at 1M on 2 cores in the scale run (target 60k: just missed; 48k
-  in a worlds run the same hour).** The loop itself is no longer the limit
-  (0.21 ms of host overhead per step, `TRAIN_LOOP.md`): the step is bound by the
-  hashed-embedding gathers and their scatter-adds. No GPU was lent to this project's sessions,
-  so the H200 targets are unmeasured; `benchmarks/train_loop.py` runs the model package alone
-  on a feature matrix for that. The exact solves run on the CPU (SciPy) on any machine.
-- **From the 2026-11-29 runs (before these changes):** the 6M chain took 880 s of step time
-  with every step under 3.6 GB; cost grows about linearly from 1M to 6M in every step; scoring
-  ran 56k posts/s at 6M; the CSV export (DuckDB writes plain CSV on all threads, ISA-L gzip on
-  every core) took 69 s for 6M posts. At 6M the exact solve's design would hold about 100M
-  entries (0.8 GB) for a fold's training rows; not yet measured.
+- **Whole chain at 1M posts: JOB_FIGURES (the README's command, every step in one process;
+  target 100 s and 2.5 GB: missed).** One process per step: STEP_FIGURES. Where the time goes
+  (the job's log): start-up 5 s, `raw_dump` 3 s (the gzip check now inflates with ISA-L: 6.1 s
+  to 2.0 s for the 356 MB file), `cleaned_posts` 8 s, `tag_vocabulary` 2 s, `feature_matrix`
+  12 s, `fitted_params` FIT_JOB, `scored_posts` SCORE_JOB. One process holds more memory than
+  any one step does (DuckDB's buffers and JAX's caches from the earlier steps stay with it).
+- **`fitted_params` at 1M.** FIT_BREAKDOWN What changed this session, measured standalone on
+  the same features (`select_and_crossfit`, three folds for comparison): 102 s before, 84 s
+  with one design over all fit rows (built once, sliced per fold and validation split),
+  65 s with the conjugate-gradient products on both cores, every candidate's validation and
+  hold-out scoring through one compiled forward over rows loaded once, and the deep stage
+  scored ten times an epoch (it stops within a third of its epoch where it only gets worse).
+  Five folds instead of three cost two more refits (about 5 s each: one solve from fold 0's
+  solution, keeping its prior widths). What would remove more: the deep stage (7 s of setup
+  and 7 s of training at 1M that it rarely turns into a better fit; a step budget that scales
+  with what it gains), the linear candidate's four evidence rounds (16 s; it is a baseline),
+  and the publication (metadata, plots and the params file, 7 s).
+- **`scored_posts` at 1M: SCORE_STEP.** Each fold's posts are read apart and scored by their
+  own model only (it scored every post with every fold model and kept one), and the shrinkage
+  factor reads its category weight by index instead of multiplying a one-hot: the additive
+  forward pass went from 35 to 12 ms per 8,192 posts; scoring 1M posts from 15.0 s to 5.6 s.
+- **`cleaned_posts`: CLEAN_RATIO of the bare scan at 1M posts (target 2x, met; 6M not
+  re-measured).** The typed table stores `tag_string`, not a tag array, and its free text
+  uncompressed; the tag array is split from `tag_string` where it is read.
+- **Deep stage throughput: DEEP_RATE (target 60k).** Measured after the first dispatch, which
+  compiles the step. The frozen additive terms now enter the loss as constants, so the
+  backward pass computes no gradients for them. The step is bound by the hashed-embedding
+  gathers and their scatter-adds (0.21 ms of host overhead per step, `TRAIN_LOOP.md`). No GPU
+  was lent to this project's sessions, so the H200 targets are unmeasured;
+  `benchmarks/train_loop.py` runs the model package alone on a feature matrix for that. The
+  exact solves run on the CPU (SciPy) on any machine.
+- **From the 2026-11-29 runs (before model selection):** the 6M chain took 880 s of step time
+  with every step under 3.6 GB; cost grows about linearly from 1M to 6M in every step. Above
+  about 2M fit posts the fits no longer share one design (it would be about 2 GB at 6M): each
+  builds its own, as before, and the exact fits' design is freed before the deep stage loads
+  its rows.
 """
 
 
