@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from e6score_dagster.model.config import ModelConfig
-from e6score_dagster.model.data import FeatureLayout, ParquetBatches
+from e6score_dagster.model.data import FeatureLayout, ParquetBatches, fold_of
 from e6score_dagster.model.metrics import predictive_metrics
 from e6score_dagster.model.network import WARM_FROZEN, warm_start
 from e6score_dagster.model.params import Fitted
@@ -33,6 +33,7 @@ from e6score_dagster.model.train import (
     init_params,
     metrics_with_constant,
     predict,
+    predict_rows,
     train,
 )
 
@@ -335,13 +336,14 @@ def out_of_fold_predictions(
     matrix: Path,
     rows: str = "holdout",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(y, mu, sigma) of `rows`, each post predicted by its own fold's model."""
+    """(y, mu, sigma) of `rows` (read once), each post predicted by its own fold's model."""
     k_folds = len(fold_params)
-    parts = []
-    for k, params in enumerate(fold_params):
-        only = (k, k_folds) if k_folds > 1 else None
-        data = ParquetBatches(matrix, layout, EVAL_BATCH, rows=rows, only_fold=only)
-        parts.append(predict(config, layout, params, data))
+    loaded = ParquetBatches(matrix, layout, EVAL_BATCH, rows=rows).load()
+    fold = fold_of(loaded["id"], k_folds)
+    parts = [
+        predict_rows(config, layout, params, {k: v[fold == i] for k, v in loaded.items()})
+        for i, params in enumerate(fold_params)
+    ]
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
 

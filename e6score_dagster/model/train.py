@@ -290,11 +290,18 @@ def calibrate_scale(params: dict, y: np.ndarray, mu: np.ndarray, sigma: np.ndarr
     return factor
 
 
+def predict_rows(
+    config: ModelConfig, layout: FeatureLayout, params: dict, rows: Batch
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y, mu, sigma) of loaded rows, through the model's one compiled forward pass."""
+    return _predict_rows(forward_for(config, layout), params, rows)
+
+
 def calibrate_on_rows(
     config: ModelConfig, layout: FeatureLayout, params: dict, rows: Batch
 ) -> float:
     """`calibrate_scale` on loaded rows, scored through the model's jitted forward."""
-    return calibrate_scale(params, *_predict_rows(forward_for(config, layout), params, rows))
+    return calibrate_scale(params, *predict_rows(config, layout, params, rows))
 
 
 def _resident_chunks(
