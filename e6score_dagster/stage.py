@@ -28,6 +28,7 @@ import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
 
+from e6score_dagster.memory import release_memory
 from e6score_dagster.resources import StateDir
 from e6score_dagster.store import (
     Build,
@@ -355,6 +356,7 @@ def begin(
     """
     asset = context.asset_key.to_user_string()
     code = context.assets_def.code_versions_by_key[context.asset_key] or "0"
+    release_memory()  # what earlier steps of this process freed
     with _stage_lock(state, asset):
         tmp = state.sub("tmp") / asset
         shutil.rmtree(tmp, ignore_errors=True)

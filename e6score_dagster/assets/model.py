@@ -24,9 +24,7 @@ from e6score_dagster.model.select import (
     MIN_GAIN_OVER_CONSTANT,
     GateDecision,
     Selection,
-    current_holdout_nll,
     gate,
-    out_of_fold_predictions,
     select_and_crossfit,
 )
 from e6score_dagster.plots import calibration_md, scatter_md, stage_curves_md
@@ -123,8 +121,10 @@ def fitted_params(
         features = Path(st.inputs["feature_matrix"].info["dir"])
         layout = FeatureLayout.read(features / "layout.json")
         matrix = features / "matrix.parquet"
-        selection = select_and_crossfit(mcfg, layout, matrix, log=context.log.info)
-        decision = gate(selection, _current_nll(st.published, layout, matrix))
+        selection = select_and_crossfit(
+            mcfg, layout, matrix, log=context.log.info, previous=_params_in_use(st.published)
+        )
+        decision = gate(selection, selection.current_holdout_nll)
         table = _table(selection)
         for line in summary_lines(
             table, selection.chosen, *_stage_marks(selection), int(selection.holdout.get("n", 0))
@@ -141,9 +141,6 @@ def fitted_params(
         }
         fitted = Fitted(selection.params, selection.config, layout, meta, selection.fold_params)
         save_params(st.path(path), fitted)
-        y, mu, sigma = out_of_fold_predictions(
-            selection.config, layout, selection.fold_params, matrix
-        )
         return st.finish(
             info={"path": str(path), **meta},
             checks=[_check(decision)],
@@ -155,17 +152,17 @@ def fitted_params(
                 **_selection_metadata(selection),
                 "params_path": dg.MetadataValue.path(str(path)),
                 "config": dg.MetadataValue.json(mcfg.to_dict()),
-                **_plots(y, mu, sigma),
+                **_plots(*selection.holdout_predictions),
                 "seconds": round(time.perf_counter() - t0, 2),
             },
         )
 
 
-def _current_nll(published, layout: FeatureLayout, matrix: Path) -> float | None:
-    """Hold-out NLL of the params in use on the new hold-out (None on a first run)."""
+def _params_in_use(published) -> Fitted | None:
+    """The published params the new fit must not be worse than (None on a first run)."""
     if published is None or not Path(published.info.get("path", "")).exists():
         return None
-    return current_holdout_nll(load_params(Path(published.info["path"])), layout, matrix)
+    return load_params(Path(published.info["path"]))
 
 
 def _check(decision: GateDecision) -> dg.AssetCheckResult:

@@ -14,6 +14,7 @@ from e6score_dagster import checks, stage
 from e6score_dagster.automation import ON_NEW_DATA_VERSION
 from e6score_dagster.code_versions import code_version
 from e6score_dagster.gzip_file import gzip_file
+from e6score_dagster.memory import release_memory
 from e6score_dagster.model import (
     ParquetBatches,
     load_params,
@@ -214,6 +215,7 @@ def scored_posts(
         try:
             n_scored, score_s = _write_scores(fitted, matrix, scores, context.log.info)
             context.log.info(f"scored {n_scored:,} posts in {score_s:.1f}s")
+            release_memory()  # the scoring's buffers, before DuckDB's join and sort
             table = st.table("scored_posts")
             with duckdb.get_connection() as conn:
                 stage_scores(conn, scores, table, st.dump_date)

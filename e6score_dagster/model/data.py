@@ -166,6 +166,7 @@ class ParquetBatches:
             *dict.fromkeys([*layout.numeric, TIME_COLUMN]),
         ]
         self._num_rows: int | None = None
+        self._ids: np.ndarray | None = None
         self._loaded: Batch | None = None
         self._derived: dict = {}  # what fits computed from the loaded rows (e.g. a design)
 
@@ -215,13 +216,25 @@ class ParquetBatches:
 
     def num_rows(self) -> int:
         if self._num_rows is None:
-            pf = pq.ParquetFile(self.path)
-            if self.rows == "all" and self.exclude_fold is None and self.only_fold is None:
-                self._num_rows = pf.metadata.num_rows
+            if self.pool is not None:  # counted on the pool's ids, without reading the file
+                self._num_rows = int(self.id_mask(self.pool.ids()).sum())
+            elif self.rows == "all" and self.exclude_fold is None and self.only_fold is None:
+                self._num_rows = pq.ParquetFile(self.path).metadata.num_rows
             else:
-                t = pf.read(columns=["id", "holdout", "trainable"])
-                self._num_rows = int(self._mask(t).sum())
+                self._num_rows = len(self.ids())
         return self._num_rows
+
+    def ids(self) -> np.ndarray:
+        """The ids of the row set's posts, in file order (read once)."""
+        if self._ids is None:
+            if self._loaded is not None:
+                self._ids = self._loaded["id"]
+            else:
+                t = pq.ParquetFile(self.path).read(columns=["id", "holdout", "trainable"])
+                ids = t.column("id").to_numpy(zero_copy_only=False)
+                mask = self._mask(t)
+                self._ids = ids if mask is None else ids[mask]
+        return self._ids
 
     def steps(self) -> int:
         return -(-self.num_rows() // self.batch_size)

@@ -247,16 +247,22 @@ def scale_feature_count(n_rating: int, n_ext: int) -> int:
     return 2 + n_rating + n_ext
 
 
-def scale_features(batch: dict[str, jnp.ndarray], mean: jnp.ndarray, n_rating: int, n_ext: int):
+def scale_features(batch: dict, mean, n_rating: int, n_ext: int):
     """What the additive models' log scale varies with: the standardised mean (and its square,
-    clipped so an extreme post cannot blow up its scale), rating and file type."""
-    m = jnp.clip(mean, -4.0, 4.0)
-    return jnp.concatenate(
+    clipped so an extreme post cannot blow up its scale), rating and file type. NumPy in,
+    NumPy out (the exact solves on the host, no compilation per shape); JAX otherwise."""
+    xp = np if isinstance(mean, np.ndarray) else jnp
+    m = xp.clip(mean, -4.0, 4.0).astype(xp.float32)
+
+    def one_hot(codes, n: int):
+        return (codes[:, None] == xp.arange(n)[None, :]).astype(xp.float32)
+
+    return xp.concatenate(
         [
             m[:, None],
-            jnp.square(m)[:, None] / 4.0,
-            jax.nn.one_hot(batch["rating"], n_rating),
-            jax.nn.one_hot(batch["ext"], n_ext),
+            xp.square(m)[:, None] / 4.0,
+            one_hot(batch["rating"], n_rating),
+            one_hot(batch["ext"], n_ext),
         ],
         axis=-1,
     )
@@ -266,10 +272,12 @@ def scale_features(batch: dict[str, jnp.ndarray], mean: jnp.ndarray, n_rating: i
 LINK_KNOTS = tuple(k / 2 for k in range(-6, 7))
 
 
-def link_features(mean: jnp.ndarray) -> jnp.ndarray:
+def link_features(mean):
     """Hinges max(0, knot - mean) at LINK_KNOTS: a piecewise-linear function of the additive
-    mean, free below each knot."""
-    return jnp.maximum(0.0, jnp.asarray(LINK_KNOTS, jnp.float32)[None, :] - mean[:, None])
+    mean, free below each knot (NumPy in, NumPy out; JAX otherwise)."""
+    xp = np if isinstance(mean, np.ndarray) else jnp
+    knots = xp.asarray(LINK_KNOTS, xp.float32)[None, :]
+    return xp.maximum(xp.float32(0.0), knots - mean[:, None].astype(xp.float32))
 
 
 class Link(nn.Module):

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import minimize
 from scipy.sparse.linalg import LinearOperator, cg
 
 from e6score_dagster.model.config import ModelConfig
@@ -39,7 +38,6 @@ from e6score_dagster.model.network import (
     CATEGORY_CODES,
     LINK_KNOTS,
     UPLOADER_CATEGORY,
-    Link,
     effect_rows,
     gaussian_nll,
     link_features,
@@ -58,8 +56,10 @@ ENCODE_CHUNK = 65536  # posts per chunk when hashing tag codes into effect rows
 METADATA_PRIOR = 1.0  # precision on the (standardised) metadata weights: nearly flat
 LAMBDA_RANGE = (1e-2, 1e6)  # bounds of a group's prior precision, in units of the noise
 ROUND_REDUCTION = 0.1  # each solve cuts its starting residual at least this much
-MIN_ROUND_GAIN = 2e-4  # validation NLL a round must gain for the next one to run
+MIN_ROUND_GAIN = 2e-4  # validation NLL further rounds must be expected to gain to run
 SCALE_PRIOR = 1e-4  # a whisper of L2 on the log-scale coefficients (one-hots are collinear)
+SCALE_NEWTON_STEPS = 30
+SCALE_FIT_POSTS = 200_000
 INITIAL_PRECISION = 10.0  # a tag effect of about 0.3 standard deviations of log1p(favs)
 
 
@@ -100,6 +100,7 @@ class Design:
 
 
 _effect_rows = jax.jit(effect_rows, static_argnums=(1, 2, 3))
+_metadata_features = jax.jit(metadata_features, static_argnums=(1, 2, 3))
 
 
 def design(rows: Batch, config: ModelConfig, layout: FeatureLayout) -> Design:
@@ -109,7 +110,7 @@ def design(rows: Batch, config: ModelConfig, layout: FeatureLayout) -> Design:
     n_rows = n_dense + 2**config.hash_bits
     p = config.num_probes
     z = np.asarray(
-        metadata_features(
+        _metadata_features(
             {k: jnp.asarray(rows[k]) for k in ("numeric", "rating", "ext", "t_years")},
             layout.n_rating,
             layout.n_ext,
@@ -225,6 +226,20 @@ def _threaded_products(s: sp.csr_matrix) -> tuple[Callable, Callable]:
     return forward, transposed
 
 
+def remaining_gain(nlls: list[float]) -> float:
+    """What further evidence rounds can still gain on validation NLL, from the rounds so far:
+    the gains shrink about geometrically, so the last gain times r / (1 - r) (r: its ratio to
+    the gain before), or the last gain alone while there is no ratio; inf before two rounds
+    and while gains grow."""
+    if len(nlls) < 2:
+        return math.inf
+    gain = nlls[-2] - nlls[-1]
+    if len(nlls) < 3 or gain <= 0:
+        return gain
+    ratio = gain / (nlls[-3] - nlls[-2]) if nlls[-3] > nlls[-2] else math.inf
+    return gain * ratio / (1.0 - ratio) if ratio < 1.0 else math.inf
+
+
 def fit_ridge(
     d: Design,
     y: np.ndarray,
@@ -301,8 +316,8 @@ def fit_ridge(
             best = (math.inf, r, theta.copy(), lam.copy())
         w = theta[dz + 1 :]
         changed = 0.0
-        settled = len(history) > 0 and history[-1].get("validation_nll", 0.0) - entry.get(
-            "validation_nll", 0.0
+        settled = remaining_gain(
+            [h["validation_nll"] for h in (*history, entry) if "validation_nll" in h]
         ) < MIN_ROUND_GAIN
         for g in names:
             m = member[g]
@@ -335,29 +350,48 @@ def fit_ridge(
 
 def fit_log_scale(resid: np.ndarray, leverage: np.ndarray, features: np.ndarray) -> np.ndarray:
     """Coefficients (constant first) of log sigma = c + features @ a, by maximum likelihood
-    on the leverage-corrected residuals (a convex problem in (c, a))."""
+    on the leverage-corrected residuals (a convex problem in (c, a)). A dozen coefficients:
+    at most SCALE_FIT_POSTS evenly spaced posts pin them down (standard errors near 0.002)."""
+    every = max(1, -(-len(resid) // SCALE_FIT_POSTS))
+    resid, leverage, features = resid[::every], leverage[::every], features[::every]
     e = np.square(resid) / (1.0 - leverage)
     # A few wild residuals (a post with a million favourites) must not bend the whole curve.
     e = np.minimum(e, np.quantile(e, 0.999)) if len(e) else e
     x = np.concatenate([np.ones((len(e), 1)), features], axis=1).astype(np.float64)
 
-    def nll(beta: np.ndarray) -> tuple[float, np.ndarray]:
-        ls = x @ beta
-        w = e * np.exp(-2.0 * ls)
-        value = float(np.mean(ls + 0.5 * w)) + 0.5 * SCALE_PRIOR * float(beta[1:] @ beta[1:])
-        grad = x.T @ (1.0 - w) / len(e) + SCALE_PRIOR * np.concatenate([[0.0], beta[1:]])
-        return value, grad
+    if not len(e):
+        return np.zeros(x.shape[1])
+    ridge = np.full(x.shape[1], SCALE_PRIOR)
+    ridge[0] = 0.0  # the constant is not shrunk
 
-    start = np.zeros(x.shape[1])
-    start[0] = 0.5 * math.log(max(float(np.mean(e)), 1e-12))
-    return minimize(nll, start, jac=True, method="L-BFGS-B").x
+    def nll(beta: np.ndarray) -> float:
+        ls = x @ beta
+        return float(np.mean(ls + 0.5 * e * np.exp(-2.0 * ls))) + 0.5 * float(ridge @ beta**2)
+
+    # Newton's method with backtracking (convex; a dozen parameters): a few passes over the
+    # posts where a quasi-Newton method took dozens.
+    beta = np.zeros(x.shape[1])
+    beta[0] = 0.5 * math.log(max(float(np.mean(e)), 1e-12))
+    value = nll(beta)
+    for _ in range(SCALE_NEWTON_STEPS):
+        w = e * np.exp(-2.0 * (x @ beta))
+        grad = x.T @ (1.0 - w) / len(e) + ridge * beta
+        hess = (x.T * (2.0 * w)) @ x / len(e) + np.diag(ridge)
+        step = np.linalg.solve(hess + 1e-12 * np.eye(len(beta)), grad)
+        t = 1.0
+        while (new := nll(beta - t * step)) > value - 0.25 * t * float(grad @ step) and t > 1e-4:
+            t *= 0.5
+        beta, value = beta - t * step, new
+        if float(grad @ step) < 1e-12:  # the Newton decrement: converged
+            break
+    return beta
 
 
 def fit_link(mean: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The link's coefficients (`network.Link`): least squares of y - mean on the hinges of
     `mean` (out-of-sample predictions), with a whisper of L2 (hinges beyond the data are
     flat)."""
-    x = np.asarray(link_features(jnp.asarray(mean, jnp.float32)), np.float64)
+    x = link_features(np.asarray(mean, np.float32)).astype(np.float64)
     gram = x.T @ x + SCALE_PRIOR * len(y) * np.eye(x.shape[1])
     return np.linalg.solve(gram, x.T @ (np.asarray(y, np.float64) - mean)).astype(np.float32)
 
@@ -374,8 +408,8 @@ def fit_link_and_metadata(
     gram = np.zeros((d, d))
     rhs = np.zeros(d)
     for i in range(0, len(y), ENCODE_CHUNK * 4):  # bounded temporaries on big dumps
-        m = jnp.asarray(mean[i : i + ENCODE_CHUNK * 4], jnp.float32)
-        slope = 1.0 - np.asarray((link_features(m) > 0) @ link, np.float64)
+        m = np.asarray(mean[i : i + ENCODE_CHUNK * 4], np.float32)
+        slope = 1.0 - ((link_features(m) > 0) @ link).astype(np.float64)
         bent = linked(link, m).astype(np.float64)
         zb = np.concatenate([z[i : i + len(m)], np.ones((len(m), 1), np.float32)], axis=1)
         weighted = zb * slope[:, None].astype(np.float32)
@@ -387,8 +421,9 @@ def fit_link_and_metadata(
 
 
 def linked(link: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """`mean` through the link with coefficients `link` (`network.Link`)."""
-    return np.asarray(Link().apply({"params": {"kernel": link[:, None]}}, jnp.asarray(mean)))
+    """`mean` through the link with coefficients `link` (`network.Link`, in NumPy)."""
+    mean = np.asarray(mean, np.float32)
+    return mean + link_features(mean) @ np.asarray(link, np.float32)
 
 
 def choose_link(
@@ -494,13 +529,9 @@ def train_ridge(
     fit.theta[: len(shift)] += shift
     loo = loo + train_design.z @ shift[:-1] + shift[-1]
     mean = linked(link, loo)
-    features = np.asarray(
-        scale_features(
-            {"rating": jnp.asarray(train_design.rating), "ext": jnp.asarray(train_design.ext)},
-            jnp.asarray(mean),
-            layout.n_rating,
-            layout.n_ext,
-        )
+    features = scale_features(
+        {"rating": train_design.rating, "ext": train_design.ext}, mean, layout.n_rating,
+        layout.n_ext,
     )
     log_scale = fit_log_scale(y - mean, np.zeros_like(y), features)
     params = to_params(fit, init_params(config, layout), train_design.z.shape[1], log_scale, link)

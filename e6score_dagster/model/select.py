@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from e6score_dagster.model.config import ModelConfig
-from e6score_dagster.model.data import FeatureLayout, ParquetBatches, fold_of
+from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches, fold_of
 from e6score_dagster.model.metrics import predictive_metrics
 from e6score_dagster.model.network import WARM_FROZEN, warm_start
 from e6score_dagster.model.params import Fitted
@@ -89,6 +89,10 @@ class Selection:
     fold_seconds: list[float]
     seconds: float
     device: str
+    # (y, mu, sigma) of the published predictions on the hold-out, for the asset's plots
+    holdout_predictions: tuple[np.ndarray, ...] = field(default=(), repr=False)
+    # The params in use (`previous`), scored on the same hold-out; None on a first run
+    current_holdout_nll: float | None = None
 
     @property
     def params(self) -> dict:
@@ -154,7 +158,9 @@ def _datasets(
     fold: tuple[int, int] | None,
     pool: ParquetBatches | None = None,
 ) -> tuple[ParquetBatches, ParquetBatches]:
-    fit = ParquetBatches(matrix, layout, config.batch_size, rows="fit", exclude_fold=fold)
+    fit = ParquetBatches(
+        matrix, layout, config.batch_size, rows="fit", exclude_fold=fold, pool=pool
+    )
     fraction = validation_fraction(config, fit.num_rows())
     split = {"validation_fraction": fraction, "exclude_fold": fold, "pool": pool}
     data = ParquetBatches(
@@ -227,11 +233,16 @@ def choose(validation_nll: dict[str, float]) -> str:
 
 
 def select_and_crossfit(
-    config: ModelConfig, layout: FeatureLayout, matrix: Path, log: Log = print
+    config: ModelConfig,
+    layout: FeatureLayout,
+    matrix: Path,
+    log: Log = print,
+    previous: Fitted | None = None,
 ) -> Selection:
     """Fit every candidate without fold 0, choose by validation NLL, refit the chosen one
     without each other fold. With `config.folds` < 2 nothing is held out of the fits but the
-    hold-out (in-sample scores; for comparison only)."""
+    hold-out (in-sample scores; for comparison only). `previous`: the params in use, scored
+    on the same hold-out for the gate."""
     t0 = time.perf_counter()
     k_folds = max(int(config.folds), 1)
     fold0 = (0, k_folds) if k_folds > 1 else None
@@ -247,6 +258,7 @@ def select_and_crossfit(
         pool = None
     data, validation = _datasets(config, layout, matrix, fold0, pool)
     held_out = ParquetBatches(matrix, layout, EVAL_BATCH, rows="holdout")
+    held_out.load()  # kept until the out-of-fold predictions: read once
     fits: dict[str, CandidateFit] = {}
     params_of: dict[str, dict] = {}
     for name in names:
@@ -312,21 +324,37 @@ def select_and_crossfit(
         fold_seconds.append(time.perf_counter() - t_fold)
     if pool is not None:
         pool.release()
+    held_rows = held_out.load()
+    predictions = predict_out_of_fold(chosen_fit.config, layout, fold_params, held_rows)
+    current_nll = current_holdout_nll(previous, layout, matrix, held_rows) if previous else None
     held_out.release()
-    holdout = out_of_fold_metrics(chosen_fit.config, layout, fold_params, matrix)
     return Selection(
         chosen=chosen,
         config=chosen_fit.config,
         candidates=fits,
         fold_params=fold_params,
         num_folds=k_folds,
-        holdout=holdout,
+        holdout=metrics_with_constant(*predictions, layout),
         training_posts=training_posts,
         validation_posts=validation_posts,
         fold_seconds=fold_seconds,
         seconds=time.perf_counter() - t0,
         device=device_name(),
+        holdout_predictions=predictions,
+        current_holdout_nll=current_nll,
     )
+
+
+def predict_out_of_fold(
+    config: ModelConfig, layout: FeatureLayout, fold_params: list[dict], rows: Batch
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y, mu, sigma) of loaded `rows`, each post predicted by its own fold's model."""
+    fold = fold_of(rows["id"], len(fold_params))
+    parts = [
+        predict_rows(config, layout, params, {k: v[fold == i] for k, v in rows.items()})
+        for i, params in enumerate(fold_params)
+    ]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
 
 def out_of_fold_predictions(
@@ -337,23 +365,8 @@ def out_of_fold_predictions(
     rows: str = "holdout",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(y, mu, sigma) of `rows` (read once), each post predicted by its own fold's model."""
-    k_folds = len(fold_params)
     loaded = ParquetBatches(matrix, layout, EVAL_BATCH, rows=rows).load()
-    fold = fold_of(loaded["id"], k_folds)
-    parts = [
-        predict_rows(config, layout, params, {k: v[fold == i] for k, v in loaded.items()})
-        for i, params in enumerate(fold_params)
-    ]
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
-
-
-def out_of_fold_metrics(
-    config: ModelConfig, layout: FeatureLayout, fold_params: list[dict], matrix: Path
-) -> dict[str, float]:
-    """Hold-out metrics of the published predictions (with the naive constant's, prefixed
-    `constant_`)."""
-    y, mu, sigma = out_of_fold_predictions(config, layout, fold_params, matrix)
-    return metrics_with_constant(y, mu, sigma, layout)
+    return predict_out_of_fold(config, layout, fold_params, loaded)
 
 
 def gate(selection: Selection, current_nll: float | None) -> GateDecision:
@@ -403,13 +416,18 @@ def compatible(previous: Fitted, layout: FeatureLayout) -> bool:
     )
 
 
-def current_holdout_nll(previous: Fitted, layout: FeatureLayout, matrix: Path) -> float | None:
-    """The hold-out NLL of the params in use, on the new feature matrix's hold-out when they
-    can read it; otherwise the NLL they recorded on their own dump's hold-out (the same
-    hash-chosen posts, a dump earlier); None when neither is known."""
+def current_holdout_nll(
+    previous: Fitted, layout: FeatureLayout, matrix: Path, rows: Batch | None = None
+) -> float | None:
+    """The hold-out NLL of the params in use, on the new feature matrix's hold-out (`rows`
+    when already loaded) when they can read it; otherwise the NLL they recorded on their own
+    dump's hold-out (the same hash-chosen posts, a dump earlier); None when neither is
+    known."""
     if compatible(previous, layout):
         folds = previous.fold_params or [previous.params]
-        y, mu, sigma = out_of_fold_predictions(previous.config, previous.layout, folds, matrix)
+        if rows is None:
+            rows = ParquetBatches(matrix, layout, EVAL_BATCH, rows="holdout").load()
+        y, mu, sigma = predict_out_of_fold(previous.config, previous.layout, folds, rows)
         return float(predictive_metrics(y, mu, sigma)["nll"]) if y.size else None
     recorded = (previous.meta.get("metrics") or {}).get("nll")
     return float(recorded) if recorded is not None else None
