@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import duckdb
 import numpy as np
 import pandas as pd
 import pytest
 
 from e6score_dagster.assets.model import PUBLISHED_ROW
+from e6score_dagster.assets.score import write_csv_export
 from e6score_dagster.model import load_params
 from e6score_dagster.schema import POSTS_ALL_COLUMNS, POSTS_COLUMNS
 from e6score_dagster_tests.conftest import DUMP_DATE, FAST_TRAINING, materialize
@@ -57,13 +60,28 @@ def test_export_has_every_original_column_and_fav_score(pipeline, generated_dump
                          keep_default_na=False)
     assert list(export.columns) == [*POSTS_ALL_COLUMNS, "fav_score"]
     export = export.set_index("id")
-    assert set(export.index) == set(dump.index)
+    assert list(export.index) == list(dump.index)  # row for row, in the dump's own order
     exact = [c for c in POSTS_COLUMNS if c not in ("id", "duration")]
     pd.testing.assert_frame_equal(export.loc[dump.index, exact], dump[exact])
     dur = dump["duration"] != ""
     np.testing.assert_allclose(export.loc[dump.index[dur], "duration"].astype(float),
                                dump.loc[dur, "duration"].astype(float))
     assert export["fav_score"].astype(float).between(0, 1).all()
+
+
+def test_export_of_scores_in_another_order_is_the_same_file(pipeline, tmp_path):
+    """The export reads posts and scores side by side when they are stored in the same order;
+    scores stored in any other order take the sorted join and give the same rows."""
+    home, _ = pipeline
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(home / "e6score.duckdb", db)
+    published = pd.read_csv(home / "exports" / f"score-{DUMP_DATE}.csv.gz", dtype=str,
+                            keep_default_na=False)
+    with duckdb.connect(str(db)) as conn:
+        conn.execute("CREATE TABLE shuffled AS SELECT * FROM scored_posts ORDER BY fav_score")
+        write_csv_export(conn, "shuffled", tmp_path / "x.csv", tmp_path / "x.csv.gz", print)
+    again = pd.read_csv(tmp_path / "x.csv.gz", dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(again, published)
 
 
 def test_materialisations_carry_metadata_and_checks_pass(pipeline):

@@ -90,7 +90,8 @@ def _write_scores(fitted, matrix: Path, out: Path, log) -> tuple[int, float]:
 
 
 def stage_scores(conn, scores: Path, table: str, dump_date: str) -> None:
-    """The scores joined to the published posts, into the staging `table`."""
+    """The scores joined to the published posts, into the staging `table`, in the posts'
+    own order (the dump's), so the export pairs the two tables row by row without a sort."""
     conn.execute(
         f"""
         CREATE OR REPLACE TABLE {table} AS
@@ -99,20 +100,29 @@ def stage_scores(conn, scores: Path, table: str, dump_date: str) -> None:
                s.sigma AS pred_log_scale, c.rating, c.file_ext, c.created_at,
                c.is_deleted
         FROM cleaned_posts c JOIN read_parquet('{scores}') s USING (id)
-        ORDER BY c.id
+        ORDER BY c.rowid
         """
     )
 
 
 def write_csv_export(conn, table: str, tmp_csv: Path, out: Path, log) -> None:
-    """Every original posts column plus fav_score, gzip-compressed to `out`."""
+    """Every original posts column plus fav_score, gzip-compressed to `out`, in the dump's
+    own row order. The scores are stored in the posts' order, so the two tables are read
+    side by side (a positional join streams; sorting the posts' text by id took about 1 GB
+    and 40% of the export's time at 1M posts)."""
     cols = ", ".join(export_column_sql(c) for c in EXPORT_COLUMNS)
+    side_by_side = f"cleaned_posts c POSITIONAL JOIN {table} s"
+    misaligned = conn.execute(
+        f"SELECT count(*) FROM {side_by_side} WHERE c.id IS DISTINCT FROM s.id"
+    ).fetchone()[0]
+    source = side_by_side if misaligned == 0 else (
+        f"cleaned_posts c JOIN {table} s USING (id) ORDER BY c.rowid"
+    )
     # DuckDB writes plain CSV on all threads; gzip (single-threaded in DuckDB) is done after,
     # on all cores.
     with query_progress(conn, log, "writing the CSV export"):
         conn.execute(
-            f"COPY (SELECT {cols}, s.fav_score FROM cleaned_posts c "
-            f"JOIN {table} s USING (id) ORDER BY c.id) TO '{tmp_csv}' (FORMAT csv, HEADER)"
+            f"COPY (SELECT {cols}, s.fav_score FROM {source}) TO '{tmp_csv}' (FORMAT csv, HEADER)"
         )
     log(f"compressing the export ({tmp_csv.stat().st_size / 1e6:,.0f} MB)")
     gzip_file(tmp_csv, out)
