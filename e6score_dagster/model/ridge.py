@@ -60,6 +60,11 @@ MIN_ROUND_GAIN = 2e-4  # validation NLL further rounds must be expected to gain 
 SCALE_PRIOR = 1e-4  # a whisper of L2 on the log-scale coefficients (one-hots are collinear)
 SCALE_NEWTON_STEPS = 30
 SCALE_FIT_POSTS = 200_000
+# Tag effects are often heavy-tailed (a few tags with huge effects): after the Gaussian
+# evidence rounds, up to TAIL_ROUNDS EM rounds of a Student-t prior with TAIL_DOF degrees of
+# freedom, kept where they score better on validation.
+TAIL_DOF = 4.0
+TAIL_ROUNDS = 3
 INITIAL_PRECISION = 10.0  # a tag effect of about 0.3 standard deviations of log1p(favs)
 
 
@@ -191,6 +196,7 @@ class RidgeFit:
     rounds: list[dict]  # per evidence round: cg iterations, validation NLL, seconds
     best_round: int
     seconds: float
+    tail_dof: float = 0.0  # the Student-t prior's degrees of freedom; 0: Gaussian
 
 
 PRODUCT_THREADS = 2  # SciPy's sparse products run on one core; split the rows over this many
@@ -251,12 +257,16 @@ def fit_ridge(
     log=print,
     theta0: np.ndarray | None = None,
     prior0: dict[int, float] | None = None,
+    tail_dof: float | None = None,
 ) -> RidgeFit:
     """MAP fit of the additive model to standardised targets `y`, with the prior precision
     of each tag group set by evidence rounds (each a warm-started CG solve, then MacKay's
     update). Keeps the round with the best validation NLL when `validation` is given.
     `theta0` and `prior0` start the solve and the prior precisions from an earlier fit (of
-    another fold, another candidate or yesterday's dump)."""
+    another fold, another candidate or yesterday's dump). `tail_dof`: None tries a Student-t
+    prior (TAIL_DOF) after the Gaussian rounds, judged on validation; 0 keeps the Gaussian
+    prior; a number fits only the Student-t prior with those degrees of freedom (the choice
+    of an earlier fit)."""
     t0 = time.perf_counter()
     dz = d.z.shape[1]
     s, z = d.s, d.z
@@ -272,15 +282,12 @@ def fit_ridge(
     rhs = np.concatenate([z.T @ y, [y.sum()], st @ y]).astype(np.float32)
     theta = np.zeros(d.n_params, np.float32) if theta0 is None else theta0.astype(np.float32)
     history: list[dict] = []
-    best: tuple[float, int, np.ndarray, np.ndarray] = (math.inf, -1, theta, np.zeros(0))
-    for r in range(rounds):
-        lam = np.full(d.n_params, METADATA_PRIOR, np.float32)
-        lam[dz] = 0.0  # the bias is free
-        for g in names:
-            lam[dz + 1 + member[g]] = lam_of[g]
-        lam[dz + 1 :][groups < 0] = 1.0  # unused rows: keep them at 0
+    best: tuple = (math.inf, -1, theta, np.zeros(0), dict(lam_of), 0.0)
+    n = d.n_params
 
-        def normal(v: np.ndarray, lam=lam) -> np.ndarray:
+    def solve(lam: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, dict]:
+        """One warm-started CG solve under prior precisions `lam`, and how it scores."""
+        def normal(v: np.ndarray) -> np.ndarray:
             u = z @ v[:dz] + v[dz] + tags(v[dz + 1 :])
             return np.concatenate([z.T @ u, [u.sum()], tags_t(u)]) + lam * v
 
@@ -290,7 +297,6 @@ def fit_ridge(
             nonlocal iters
             iters += 1
 
-        n = d.n_params
         op = LinearOperator((n, n), matvec=normal, dtype=np.float32)
         pre = LinearOperator((n, n), matvec=lambda v, m=diag + lam: v / m, dtype=np.float32)
         # Each round cuts its own starting residual (the prior moved) by ROUND_REDUCTION,
@@ -301,19 +307,59 @@ def fit_ridge(
         theta, _ = cg(op, rhs, x0=theta, M=pre, rtol=0.0, atol=atol, maxiter=cg_iters,
                       callback=count)
         theta = theta.astype(np.float32)
-        resid = y - d.predict(theta)
-        noise = float(np.mean(np.square(resid)))
-        sigma = math.sqrt(noise)
-        entry = {"round": r + 1, "cg_iterations": iters, "train_rmse": sigma}
+        noise = float(np.mean(np.square(y - d.predict(theta))))
+        entry = {"round": len(history) + 1, "cg_iterations": iters,
+                 "train_rmse": math.sqrt(noise), "noise": noise}
         if validation is not None and len(validation[1]):
             vd, vy = validation
             v_resid = vy - vd.predict(theta)
             v_sigma = float(np.sqrt(np.mean(np.square(v_resid))))
             entry["validation_nll"] = float(np.mean(gaussian_nll(0.0, v_sigma, v_resid)))
-            if entry["validation_nll"] < best[0]:
-                best = (entry["validation_nll"], r, theta.copy(), lam.copy())
-        else:
-            best = (math.inf, r, theta.copy(), lam.copy())
+        return theta, entry
+
+    def keep(entry: dict, theta: np.ndarray, lam: np.ndarray, kind: str, dof: float) -> None:
+        """Record a round; it becomes the fit if it scores best on validation (or, without
+        validation, if it is the last)."""
+        nonlocal best
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        entry["prior"] = kind
+        history.append(entry)
+        nll = entry.get("validation_nll", -math.inf)
+        if nll < best[0]:
+            best = (max(nll, -1e300), entry["round"] - 1, theta.copy(), lam.copy(),
+                    dict(lam_of), dof)
+        val_text = f", validation NLL {nll:.4f}" if "validation_nll" in entry else ""
+        log(f"{kind} round {entry['round']}: {entry['cg_iterations']} CG iterations, train "
+            f"RMSE {entry['train_rmse']:.4f}{val_text}")
+
+    def lam_vector(per_row: np.ndarray | None = None) -> np.ndarray:
+        lam = np.full(n, METADATA_PRIOR, np.float32)
+        lam[dz] = 0.0  # the bias is free
+        for g in names:
+            lam[dz + 1 + member[g]] = lam_of[g]
+        if per_row is not None:
+            lam[dz + 1 :] *= per_row
+        lam[dz + 1 :][groups < 0] = 1.0  # unused rows: keep them at 0
+        return lam
+
+    def tail_step(theta: np.ndarray, lam: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """One EM step of a Student-t prior (scale per group, dof `dof`): each tag row's
+        precision is its group's times E[1/variance | w], so a tag whose effect stands far
+        out of its group is shrunk less, and the group scales are refitted."""
+        noise = float(np.mean(np.square(y - d.predict(theta))))
+        second = np.square(theta[dz + 1 :]) + noise / (h_tags + lam[dz + 1 :])  # E[w^2]
+        for g in names:
+            m = member[g]
+            u[m] = (dof + 1.0) / (dof + second[m] * lam_of[g] / noise)
+            tau2 = float(np.mean(u[m] * second[m]))
+            lam_of[g] = float(np.clip(noise / max(tau2, 1e-12), *LAMBDA_RANGE))
+        return lam_vector(u)
+
+    dof = TAIL_DOF if tail_dof is None else tail_dof
+    for _ in range(rounds if not tail_dof else 0):  # the Gaussian prior's evidence rounds
+        lam = lam_vector()
+        theta, entry = solve(lam, theta)
+        noise = entry["noise"]
         w = theta[dz + 1 :]
         changed = 0.0
         settled = remaining_gain(
@@ -327,13 +373,24 @@ def fit_ridge(
             if LAMBDA_RANGE[0] < new < LAMBDA_RANGE[1]:  # a group at a bound has settled
                 changed = max(changed, abs(math.log(new / lam_of[g])))
             lam_of[g] = new
-        entry["seconds"] = round(time.perf_counter() - t0, 2)
-        history.append(entry)
-        val_text = f", validation NLL {entry['validation_nll']:.4f}" if validation else ""
-        log(f"evidence round {r + 1}: {iters} CG iterations, train RMSE {sigma:.4f}{val_text}")
+        keep(entry, theta, lam, "evidence", 0.0)
         if changed < 0.05 or settled:  # the prior scales or the validation NLL have settled
             break
-    _, best_round, theta, lam = best
+    # Heavy tails: tried after the Gaussian rounds where a validation slice can judge them
+    # (kept only if they score better there), or alone when an earlier fit chose them.
+    has_val = validation is not None and len(validation[1]) > 0
+    tail_rounds = rounds if tail_dof else (TAIL_ROUNDS if tail_dof is None and has_val else 0)
+    if tail_rounds and dof > 0:
+        theta, lam = (best[2], best[3]) if history else (theta, lam_vector())
+        u = np.ones(s.shape[1], np.float32)
+        for _ in range(tail_rounds):
+            before = best[0]
+            lam = tail_step(theta, lam, u)
+            theta, entry = solve(lam, theta)
+            keep(entry, theta, lam, "heavy-tail", dof)
+            if has_val and not entry["validation_nll"] < before - MIN_ROUND_GAIN:
+                break
+    _, best_round, theta, lam, prior, best_dof = best
     # Each post's leverage (diagonal approximation): how much of its own residual the fit
     # absorbed, so the scale is fitted to what the residuals would be out of sample.
     leverage = squared @ (1.0 / (diag[dz + 1 :] + lam[dz + 1 :]))
@@ -341,10 +398,11 @@ def fit_ridge(
         theta=theta,
         residual=y - d.predict(theta),
         leverage=np.clip(leverage, 0.0, 0.95),
-        prior_precision={g: round(v, 4) for g, v in lam_of.items()},
+        prior_precision={g: round(v, 4) for g, v in prior.items()},
         rounds=history,
         best_round=best_round + 1,
         seconds=time.perf_counter() - t0,
+        tail_dof=best_dof,
     )
 
 
@@ -490,12 +548,12 @@ def train_ridge(
     data: ParquetBatches,
     validation: ParquetBatches | None = None,
     log: Log = print,
-    warm: tuple[dict, dict[int, float]] | None = None,
+    warm: tuple[dict, dict[int, float], float | None] | None = None,
 ) -> TrainResult:
     """Fit `config.architecture` ("linear": one prior group; "additive": a group per category
     and density) on `data`'s rows by evidence rounds, its sigma calibrated on `validation`.
-    `warm` = (params, prior precisions) of an earlier fit in the same parametrisation starts
-    the solve near its answer."""
+    `warm` = (params, prior precisions, Student-t dof or None to choose) of an earlier fit in
+    the same parametrisation starts the solve near its answer."""
     t_load = time.perf_counter()
     train_design = design_of(data, config, layout)
     y = train_design.y
@@ -519,6 +577,9 @@ def train_ridge(
         log=log,
         theta0=theta_of(warm[0]) if warm else None,
         prior0=warm[1] if warm else None,
+        # The plain linear baseline keeps the Gaussian prior; the additive model may choose
+        # heavy tails.
+        tail_dof=warm[2] if warm else (None if config.architecture == "additive" else 0.0),
     )
     # Each training post's leave-one-out prediction (the diagonal leverage approximation):
     # what the fit predicts for posts it did not see, so the link and the scale are fitted to
@@ -562,5 +623,6 @@ def train_ridge(
         sigma_calibration=factor,
         device="cpu (scipy)",
         prior_precision=fit.prior_precision,
+        prior_tail_dof=fit.tail_dof,
         prior_sd=prior_sd,
     )

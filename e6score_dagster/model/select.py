@@ -70,6 +70,7 @@ class CandidateFit:
     posts_per_second: float
     base: str | None = None  # the additive candidate the deep stage started from
     prior_precision: dict[int, float] = field(default_factory=dict)  # exact fits, per group
+    prior_tail_dof: float = 0.0  # exact fits: Student-t prior's degrees of freedom, 0: Gaussian
     prior_sd: dict[str, float] = field(default_factory=dict)  # the same as sd of log1p(favs)
     solver: str = ""  # "ridge" (exact), "sgd" (gradient steps) or "" (nothing to fit)
 
@@ -192,7 +193,7 @@ def _fit(
     validation: ParquetBatches,
     log: Log,
     base: dict | None = None,
-    warm: tuple[dict, dict[int, float]] | None = None,
+    warm: tuple[dict, dict[int, float], float | None] | None = None,
 ) -> tuple[dict, TrainResult | None]:
     """One candidate's params (and its training record); `base` is the additive fit the deep
     stage starts from, `warm` an earlier exact fit that starts an additive one."""
@@ -271,7 +272,7 @@ def select_and_crossfit(
         log(f"candidate {name}" + (f" (on top of {base_name})" if base_name else ""))
         t_fit = time.perf_counter()
         base = params_of.get(base_name) if base_name else None
-        warm = (params_of["linear"], {}) if name == "additive" and "linear" in fits else None
+        warm = (params_of["linear"], {}, None) if name == "additive" and "linear" in fits else None
         params, result = _fit(name, config, layout, data, validation, log, base, warm)
         cfg = candidate_config(config, name)
         params_of[name] = params
@@ -288,6 +289,7 @@ def select_and_crossfit(
             posts_per_second=result.posts_per_second if result else 0.0,
             base=base_name,
             prior_precision=result.prior_precision if result else {},
+            prior_tail_dof=result.prior_tail_dof if result else 0.0,
             prior_sd=result.prior_sd if result else {},
             solver=(cfg.additive_solver if name in ADDITIVE else "sgd") if result else "",
         )
@@ -314,9 +316,13 @@ def select_and_crossfit(
         base = None
         if chosen == "deep" and chosen_fit.base:
             first = fits[chosen_fit.base]
-            warm = (first.params, first.prior_precision)
+            warm = (first.params, first.prior_precision, first.prior_tail_dof)
             base, _ = _fit(first.name, refit, layout, fdata, fval, log, warm=warm)
-        warm = (chosen_fit.params, chosen_fit.prior_precision) if chosen in ADDITIVE else None
+        warm = (
+            (chosen_fit.params, chosen_fit.prior_precision, chosen_fit.prior_tail_dof)
+            if chosen in ADDITIVE
+            else None
+        )
         params, _ = _fit(chosen, refit, layout, fdata, fval, log, base, warm)
         fold_params.append(params)
         fdata.release()

@@ -120,6 +120,7 @@ class TrainResult:
     device: str = ""  # what JAX ran it on, e.g. "cpu" or "NVIDIA H200"
     # The exact (ridge) fits: each tag group's prior precision, for warm starts and reports.
     prior_precision: dict[int, float] = field(default_factory=dict)
+    prior_tail_dof: float = 0.0  # their Student-t prior's degrees of freedom (0: Gaussian)
     prior_sd: dict[str, float] = field(default_factory=dict)  # per group, in log1p(favs)
 
 
