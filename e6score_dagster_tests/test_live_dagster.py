@@ -31,6 +31,7 @@ query ($path: [String!]!) {
           label
           ... on TextMetadataEntry { text }
           ... on BoolMetadataEntry { boolValue }
+          ... on PathMetadataEntry { path }
         }
       }
     }
@@ -51,7 +52,8 @@ class LiveDagster(DagsterDev):
         if not mats:
             return None
         m = mats[0]
-        meta = {e["label"]: e.get("text", e.get("boolValue")) for e in m["metadataEntries"]}
+        meta = {e["label"]: e.get("text", e.get("boolValue", e.get("path")))
+                for e in m["metadataEntries"]}
         return {"runId": m["runId"], **meta}
 
     def trigger_ingestion(self) -> str:
@@ -107,7 +109,10 @@ def _follow(live: LiveDagster, dump: Path, export: Path) -> None:
         params_2 = live.latest("fitted_params")
         assert params_2["dump_date"] == NEW_DATE and params_2["reused"] is False
         assert params_2["runId"] != params_1["runId"]
-        assert second["runId"] == params_2["runId"] != first["runId"]
+        # The new scores come from the new params (the automation may launch the two assets
+        # in one run or in two).
+        assert second["params_path"] == params_2["params_path"] != params_1["params_path"]
+        assert second["runId"] != first["runId"]
 
         # No new dump: the observation runs, and nothing else is launched.
         before = {r["runId"] for r in live.runs()}

@@ -64,6 +64,11 @@ def test_the_best_candidate_on_validation_is_chosen_and_every_post_scored(additi
     assert deep.base == min(("linear", "additive"), key=lambda n: val[n])
     assert deep.curve[0][0] == 0 and "deep" in selection.curves()
     assert len(selection.fold_params) == selection.num_folds == 3
+    # The exact fits name their prior: the linear baseline's is always Gaussian.
+    table_rows = selection.candidate_table()
+    assert table_rows["linear"]["prior"] == "gaussian"
+    assert table_rows["additive"]["prior"] in ("gaussian", "student-t(4)")
+    assert "prior" not in table_rows["deep"]
     scores = _scores(selection, layout, path)
     assert set(scores) == set(table.column("id").to_pylist())
     assert all(0 <= s["fav_score"] <= 1 for s in scores.values())

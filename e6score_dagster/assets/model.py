@@ -225,7 +225,8 @@ def _selection_metadata(selection: Selection) -> dict:
         "train_seconds": round(selection.seconds, 2),
         "posts_per_second": round(selection.posts_per_second(), 1),
         "stage_fits": dg.MetadataValue.json({
-            name: {k: row[k] for k in ("solver", "seconds", "posts_per_second", "best_step")}
+            name: {k: row[k] for k in ("solver", "prior", "seconds", "posts_per_second",
+                                       "best_step") if k in row}
             for name, row in selection.candidate_table().items()
         }),
         "device": selection.device,

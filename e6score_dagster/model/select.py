@@ -128,6 +128,9 @@ class Selection:
             }
             if c.base:
                 row["base"] = c.base
+            if c.solver == "ridge":
+                row["prior"] = (f"student-t({c.prior_tail_dof:g})" if c.prior_tail_dof
+                                else "gaussian")
             out[name] = row
         return out
 
