@@ -288,13 +288,14 @@ def test_early_stopping_stops_when_validation_stops_improving(tmp_path):
 
 
 def test_params_from_before_the_scale_correction_still_load_and_score(tmp_path, fitted):
-    """A params file written before the models had a `scale` kernel scores as it did then:
-    one scale for every post."""
+    """A params file written before the models had a `scale` kernel, a link or tag
+    interactions scores as it did then: one scale for every post, a plain additive mean."""
     path, layout, result = fitted
-    old = {k: v for k, v in result.params.items() if k != "scale"}
+    old = {k: v for k, v in result.params.items() if k not in ("scale", "link", "interactions")}
     save_params(tmp_path / "old.msgpack", Fitted(old, CONFIG, layout))
     loaded = load_params(tmp_path / "old.msgpack")
-    assert not loaded.params["scale"]["kernel"].any()
+    for part, key in (("scale", "kernel"), ("link", "kernel"), ("interactions", "weight")):
+        assert not np.asarray(loaded.params[part][key]).any(), part
     held = ParquetBatches(path, layout, 256, rows="holdout")
     _, mu, sigma = predict(CONFIG, layout, loaded.params, held)
     assert np.isfinite(mu).all() and np.isfinite(sigma).all()

@@ -46,6 +46,54 @@ def effect_rows(tags: jnp.ndarray, hash_bits: int, num_probes: int, n_dense: int
     return jnp.where(dense[..., None], index[..., None], hashed)
 
 
+# Tags whose effect may depend on the rating and drift over the upload years: identities (an
+# artist, a copyright, a character, a species: audiences differ between safe and explicit
+# posts, and rise and fall), not descriptive general or meta tags. Tag codes: category + 1.
+INTERACTING_CODES = (2, 4, 5, 6)
+# The upload-date trend is per decade about this upload year (years after the site's launch).
+TREND_CENTER_YEARS = 12.0
+TREND_SCALE_YEARS = 10.0
+
+
+def interaction_terms(tags, rating, t_years, n_dense: int, n_rating: int):
+    """Rows and values [B, T, 2] of each tag slot in the interaction table (n_rating + 1 rows
+    per dense tag): its effect for this rating (value 1), and its slope over the upload date
+    (value: decades from TREND_CENTER_YEARS). Only dense tags of INTERACTING_CODES have them;
+    other slots point at row 0 with value 0. NumPy in, NumPy out; JAX otherwise."""
+    xp = np if isinstance(tags, np.ndarray) else jnp
+    index = tags // CATEGORY_CODES
+    code = tags % CATEGORY_CODES
+    ok = (index > 0) & (index < n_dense)
+    ok = ok & xp.isin(code, xp.asarray(INTERACTING_CODES))
+    by_rating = index * n_rating + rating[:, None]
+    by_time = n_rating * n_dense + index
+    rows = xp.stack([xp.where(ok, by_rating, 0), xp.where(ok, by_time, 0)], axis=-1)
+    trend = (t_years.astype(xp.float32) - TREND_CENTER_YEARS) / TREND_SCALE_YEARS
+    values = xp.stack([ok.astype(xp.float32), ok * trend[:, None]], axis=-1)
+    return rows.astype(xp.int32), values.astype(xp.float32)
+
+
+def interaction_rows(n_dense: int, n_rating: int) -> int:
+    return (n_rating + 1) * n_dense
+
+
+class Interactions(nn.Module):
+    """Tag x rating effects and tag x upload-date slopes of the dense identity tags (zero at
+    initialisation: without them the model is additive in the tags)."""
+
+    n_dense: int
+    n_rating: int
+
+    @nn.compact
+    def __call__(self, batch: dict[str, jnp.ndarray]) -> jnp.ndarray:
+        size = max(interaction_rows(self.n_dense, self.n_rating), 1)
+        weight = self.param("weight", nn.initializers.zeros, (size,))
+        rows, values = interaction_terms(
+            batch["tags"], batch["rating"], batch["t_years"], self.n_dense, self.n_rating
+        )
+        return (weight[rows] * values).sum(axis=(1, 2))
+
+
 class TraitsDense(nn.Module):
     """One linear function of a tag's traits: its e621 category (one-hot) and its log frequency
     rank (and the square). The params are those of `nn.Dense(1)` on the 18 traits, but the
@@ -152,7 +200,8 @@ class E6ScoreNet(nn.Module):
         wide = nn.Dense(1, kernel_init=nn.initializers.zeros, name="wide")(
             metadata_features(batch, self.n_rating, self.n_ext, cfg.time_frequencies)
         )[:, 0]
-        additive = Link(name="link")(linear + wide)
+        inter = Interactions(self.n_dense, self.n_rating, name="interactions")(batch)
+        additive = Link(name="link")(linear + wide + inter)
         rating = nn.Embed(self.n_rating, 8, name="rating")(batch["rating"])
         ext = nn.Embed(self.n_ext, 8, name="ext")(batch["ext"])
         x0 = jnp.concatenate(
@@ -213,6 +262,7 @@ class LinearNet(nn.Module):
         if self.shrinkage:
             tag_w = tag_w * Shrinkage(name="shrink")(batch["tags"])
         tag_term = (tag_w * mask).sum(axis=1)
+        tag_term += Interactions(self.n_dense, self.n_rating, name="interactions")(batch)
         x = metadata_features(batch, self.n_rating, self.n_ext, cfg.time_frequencies)
         linear = nn.Dense(1, kernel_init=nn.initializers.zeros, name="linear")(x)[:, 0]
         mean = Link(name="link")(linear + tag_term)
@@ -293,7 +343,9 @@ class Link(nn.Module):
 
 
 # The additive terms a warm start copies from the additive fit, and training then keeps fixed.
-WARM_FROZEN = (("tags", "bias"), ("tags", "shrink"), ("wide",), ("scale",), ("link",))
+WARM_FROZEN = (
+    ("tags", "bias"), ("tags", "shrink"), ("wide",), ("scale",), ("link",), ("interactions",)
+)
 
 
 def warm_start(params: dict, additive: dict) -> dict:
@@ -311,6 +363,8 @@ def warm_start(params: dict, additive: dict) -> dict:
     for part in ("scale", "link"):
         if part in additive:
             out[part] = {"kernel": np.array(additive[part]["kernel"])}
+    if "interactions" in additive:
+        out["interactions"] = {"weight": np.array(additive["interactions"]["weight"])}
     scale = float(np.exp(additive["log_scale"] + additive["sigma_calibration"]))
     head_bias = np.array(out["head"]["bias"])
     head_bias[1] = math.log(math.expm1(max(scale - 1e-3, 1e-3))) - 0.5413

@@ -12,7 +12,7 @@ from flax import serialization
 
 from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import FeatureLayout
-from e6score_dagster.model.network import LINK_KNOTS, scale_feature_count
+from e6score_dagster.model.network import LINK_KNOTS, interaction_rows, scale_feature_count
 
 FORMAT = 1
 MAX_PARAMS_BYTES = 1 << 30  # a params file is tens of MB; refuse anything absurd
@@ -74,13 +74,18 @@ def load_params(path: Path) -> Fitted:
 
 
 def _upgrade(params: dict, layout: FeatureLayout) -> dict:
-    """Params written before the models had the additive scale correction or the link predict
-    without them: a zero `scale` or `link` kernel says exactly that."""
+    """Params written before the models had the additive scale correction, the link or the
+    tag interactions predict without them: zero `scale`, `link` or `interactions` weights say
+    exactly that."""
     if ("tag_weight" in params or "head" in params) and "scale" not in params:
         width = scale_feature_count(layout.n_rating, layout.n_ext)
         params = {**params, "scale": {"kernel": np.zeros((width, 1), np.float32)}}
     if ("tag_weight" in params or "head" in params) and "link" not in params:
         params = {**params, "link": {"kernel": np.zeros((len(LINK_KNOTS), 1), np.float32)}}
+    if ("tag_weight" in params or "head" in params) and "interactions" not in params:
+        n_dense = int(layout.extra.get("dense_tags", 0))
+        size = max(interaction_rows(n_dense, layout.n_rating), 1)
+        params = {**params, "interactions": {"weight": np.zeros(size, np.float32)}}
     return params
 
 
