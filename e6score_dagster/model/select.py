@@ -74,6 +74,10 @@ class CandidateFit:
     prior_sd: dict[str, float] = field(default_factory=dict)  # the same as sd of log1p(favs)
     solver: str = ""  # "ridge" (exact), "sgd" (gradient steps) or "" (nothing to fit)
 
+    def warm(self) -> tuple[dict, dict[int, float], float]:
+        """What starts another exact fit of the same model from this one (`train_ridge`)."""
+        return self.params, self.prior_precision, self.prior_tail_dof
+
 
 @dataclass
 class Selection:
@@ -319,13 +323,9 @@ def select_and_crossfit(
         base = None
         if chosen == "deep" and chosen_fit.base:
             first = fits[chosen_fit.base]
-            warm = (first.params, first.prior_precision, first.prior_tail_dof)
+            warm = first.warm()
             base, _ = _fit(first.name, refit, layout, fdata, fval, log, warm=warm)
-        warm = (
-            (chosen_fit.params, chosen_fit.prior_precision, chosen_fit.prior_tail_dof)
-            if chosen in ADDITIVE
-            else None
-        )
+        warm = chosen_fit.warm() if chosen in ADDITIVE else None
         params, _ = _fit(chosen, refit, layout, fdata, fval, log, base, warm)
         fold_params.append(params)
         fdata.release()
@@ -364,18 +364,6 @@ def predict_out_of_fold(
         for i, params in enumerate(fold_params)
     ]
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
-
-
-def out_of_fold_predictions(
-    config: ModelConfig,
-    layout: FeatureLayout,
-    fold_params: list[dict],
-    matrix: Path,
-    rows: str = "holdout",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(y, mu, sigma) of `rows` (read once), each post predicted by its own fold's model."""
-    loaded = ParquetBatches(matrix, layout, EVAL_BATCH, rows=rows).load()
-    return predict_out_of_fold(config, layout, fold_params, loaded)
 
 
 def gate(selection: Selection, current_nll: float | None) -> GateDecision:
