@@ -152,41 +152,68 @@ def test_the_scale_follows_the_noise_of_each_rating(world):
         assert 0.85 < z[rating == r].std() < 1.15
 
 
-def test_a_fold_sliced_from_the_pool_has_the_design_of_its_own_rows(world):
-    """Every fit's design is a slice of one design over all fit rows: it must hold exactly
-    the rows (and their order) that the fold and validation split would have read."""
+def test_a_fold_taken_from_the_pool_has_the_design_of_its_own_rows(world):
+    """Every fit's design is taken from one design over all fit rows, built in blocks by
+    fold x validation: it must hold exactly the rows that the fold and validation split would
+    have read, share the pool's blocks instead of copying them, and still be right for a set
+    whose split the blocks do not follow (then copied)."""
     path, layout, _, _ = world
     pool = ParquetBatches(path, layout, 512, rows="fit")
-    split = {"validation_fraction": 0.15, "exclude_fold": (1, 5)}
-    for rows in ("train", "validation"):
-        own = ParquetBatches(path, layout, 512, rows=rows, **split)
-        pooled = ParquetBatches(path, layout, 512, rows=rows, pool=pool, **split)
-        a, b = design_of(own, CONFIG, layout), design_of(pooled, CONFIG, layout)
-        assert 0 < len(a.y) < 9000
-        np.testing.assert_array_equal(a.y, b.y)
-        np.testing.assert_array_equal(a.z, b.z)
-        assert (a.s != b.s).nnz == 0 and a.s.shape == b.s.shape
-    assert pool._loaded is None  # the pool keeps only what was derived from its rows
+    for fraction, shared in ((0.15, True), (0.3, False)):
+        split = {"validation_fraction": fraction, "exclude_fold": (1, 5)}
+        for rows in ("train", "validation"):
+            own = ParquetBatches(path, layout, 512, rows=rows, **split)
+            pooled = ParquetBatches(path, layout, 512, rows=rows, pool=pool, **split)
+            a, b = design_of(own, CONFIG, layout), design_of(pooled, CONFIG, layout)
+            assert 0 < len(a.y) < 9000
+            order_a, order_b = np.argsort(a.ids), np.argsort(b.ids)
+            np.testing.assert_array_equal(a.ids[order_a], b.ids[order_b])
+            np.testing.assert_array_equal(a.y[order_a], b.y[order_b])
+            np.testing.assert_array_equal(a.z[order_a], b.z[order_b])
+            assert (a.s[order_a] != b.s[order_b]).nnz == 0 and a.s.shape == b.s.shape
+            whole = pool._derived[next(iter(pool._derived))]
+            views = {id(blk) for blk in whole.blocks}
+            assert all(id(blk) in views for blk in b.blocks) == shared
+    assert pool._loaded is None  # the design is streamed: the pool's rows are never loaded
     with pytest.raises(ValueError, match="cannot be taken from a pool"):
         ParquetBatches(path, layout, 512, rows="holdout", pool=pool)
 
 
-def test_the_threaded_sparse_products_equal_scipys():
-    """The solver's products split the rows over threads (large designs only)."""
+def test_the_threaded_products_equal_scipys():
+    """The solver's products run over row pieces of the blocks, split over threads."""
     import scipy.sparse as sp
 
-    from e6score_dagster.model.ridge import _threaded_products
+    from e6score_dagster.model.ridge import Design, _Products
 
     rng = np.random.default_rng(0)
-    n, m = 300_000, 5000
+    n, m, dz = 300_000, 5000, 3
     per_row = rng.integers(0, 8, n)
     indptr = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
     s = sp.csr_matrix((rng.random(indptr[-1], dtype=np.float32),
                        rng.integers(0, m, indptr[-1]).astype(np.int32), indptr), shape=(n, m))
-    forward, transposed = _threaded_products(s)
-    v, u = rng.normal(size=m).astype(np.float32), rng.normal(size=n).astype(np.float32)
-    np.testing.assert_allclose(forward(v), s @ v, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(transposed(u), s.T @ u, rtol=1e-4, atol=1e-3)
+    z = rng.normal(size=(n, dz)).astype(np.float32)
+    whole = Design.of(z, s, np.zeros(n, np.float32), row_category=np.zeros(m, np.int64),
+                      row_dense=np.ones(m, bool))
+    cut = 70_001  # two blocks of uneven size
+    d = dataclasses.replace(whole, blocks=[whole.blocks[0].rows(0, cut),
+                                           whole.blocks[0].rows(cut, n)])
+    products = _Products(d)
+    assert len(products.runs) == 2
+    theta = rng.normal(size=dz + 1 + m).astype(np.float32)
+    u = rng.normal(size=n).astype(np.float32)
+    np.testing.assert_allclose(products.forward(theta),
+                               z @ theta[:dz] + theta[dz] + s @ theta[dz + 1 :],
+                               rtol=1e-4, atol=1e-4)
+    expected = np.concatenate([z.T @ u, [u.sum()], s.T @ u])
+    np.testing.assert_allclose(products.transposed(u), expected, rtol=1e-4, atol=2e-2)
+    # Entry by entry (a row may name a column twice: the diagonal approximation's sums).
+    squared = sp.csr_matrix((np.square(s.data), s.indices, s.indptr), shape=s.shape)
+    np.testing.assert_allclose(products.squares()[dz + 1 :],
+                               np.asarray(squared.sum(axis=0))[0], rtol=1e-4)
+    np.testing.assert_allclose(products.squares()[:dz], np.square(z).sum(axis=0), rtol=1e-4)
+    per_column = rng.random(m).astype(np.float32)
+    np.testing.assert_allclose(products.squared_rows(per_column), squared @ per_column,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_the_link_bends_the_mean_where_counts_are_few(tmp_path):
@@ -238,9 +265,9 @@ def _sparse_world(effects: np.ndarray, n: int, seed: int):
                        np.arange(0, n * 6 + 1, 6)), shape=(n, m))
     s.sum_duplicates()
     y = (s @ effects + rng.normal(0, 1, n)).astype(np.float32)
-    d = Design(z=np.zeros((n, 1), np.float32), s=s, y=y, rating=np.zeros(n, np.int8),
-               ext=np.zeros(n, np.int8), row_category=np.zeros(m, np.int64),
-               row_dense=np.ones(m, bool))
+    d = Design.of(np.zeros((n, 1), np.float32), s, y, rating=np.zeros(n, np.int8),
+                  ext=np.zeros(n, np.int8), row_category=np.zeros(m, np.int64),
+                  row_dense=np.ones(m, bool))
     return d, y
 
 

@@ -179,20 +179,3 @@ def test_rank_stability_on_common_posts_only():
     assert flipped["spearman"] == pytest.approx(-1.0)
 
 
-def test_without_the_shared_design_the_fits_are_the_same(additive_world, monkeypatch):
-    """Above POOL_MAX_BYTES every fit builds its own design from its own rows: the same
-    candidates and nearly the same predictions (a hashed row's prior group is the category of
-    most of its entries, read off the fit's own rows rather than all fit rows; here, with
-    1,024 hashed rows, that moves the hold-out NLL by a few thousandths)."""
-    import e6score_dagster.model.select as select
-
-    path, _, layout, pooled = additive_world
-    monkeypatch.setattr(select, "POOL_MAX_BYTES", 0)
-    cfg = dataclasses.replace(CONFIG, candidates=("constant", "linear", "additive"))
-    own = select_and_crossfit(cfg, layout, path, log=_quiet)
-    assert own.chosen == min(("linear", "additive"),
-                             key=lambda n: pooled.candidates[n].validation["nll"])
-    for name in ("linear", "additive"):
-        assert own.candidates[name].holdout["nll"] == pytest.approx(
-            pooled.candidates[name].holdout["nll"], abs=0.01)
-    assert own.holdout["nll"] == pytest.approx(pooled.holdout["nll"], abs=0.01)

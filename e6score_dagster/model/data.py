@@ -139,7 +139,7 @@ class ParquetBatches:
         `exclude_fold=(k, K)` drops fold k of K (a cross-fitting model's own fold);
         `only_fold=(k, K)` keeps only fold k. `pool`: the "fit" rows of the same file, from
         which a "fit", "train" or "validation" set takes what is derived once for them all
-        (`derived`) instead of deriving its own."""
+        (e.g. `ridge.design_of`) instead of deriving its own."""
         if pool is not None and (pool.rows != "fit" or rows not in ("fit", "train", "validation")
                                  or pool.exclude_fold or pool.only_fold):
             raise ValueError(f"rows {rows!r} cannot be taken from a pool of {pool.rows!r} rows")
@@ -168,7 +168,7 @@ class ParquetBatches:
         self._num_rows: int | None = None
         self._ids: np.ndarray | None = None
         self._loaded: Batch | None = None
-        self._derived: dict = {}  # what fits computed from the loaded rows (e.g. a design)
+        self._derived: dict = {}  # what fits computed from the rows (e.g. a design)
 
     def _mask(self, table: pa.Table) -> np.ndarray | None:
         rows = self._row_mask(table)
@@ -283,43 +283,42 @@ class ParquetBatches:
         scorings that keep the rows resident instead of re-reading the file each pass. Read
         once per instance, so the candidates fitted on one row set share it."""
         if self._loaded is None:
-            parts = list(self._row_groups(0, shuffle=False))
-            if not parts:
-                empty = pq.ParquetFile(self.path).schema_arrow.empty_table()
-                parts = [_table_to_batch(empty.select(self._columns), self.layout)]
-            self._loaded = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            self._loaded = self.read()
         return self._loaded
 
-    def derived(
-        self,
-        key: object,
-        make: Callable[[Batch], object],
-        take: Callable[[object, np.ndarray], object] | None = None,
-    ) -> object:
-        """`make(self.load())`, computed once per key while the rows stay loaded (the linear
-        and additive fits share one design matrix of their rows). With a `pool` and `take`:
-        `take(what the pool derived, this set's mask of the pool's ids)`, so every fold's and
-        candidate's fit slices one derivation over all fit rows; the pool then lets its rows
-        go (it is kept for what is derived from them). Without a pool, rows loaded only for
-        the derivation are let go too (at 6M posts, 1.5 GB beside the design)."""
+    def read(self) -> Batch:
+        """Every row of the row set as one batch, like `load`, but not kept (the loaded rows
+        where they are)."""
+        if self._loaded is not None:
+            return self._loaded
+        parts = list(self._row_groups(0, shuffle=False))
+        if not parts:
+            empty = pq.ParquetFile(self.path).schema_arrow.empty_table()
+            parts = [_table_to_batch(empty.select(self._columns), self.layout)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def chunks(self) -> Iterator[Batch]:
+        """The row set's rows in file order, a row group at a time (nothing kept resident)."""
+        return self._row_groups(0, shuffle=False)
+
+    def split_class(self, ids: np.ndarray) -> np.ndarray:
+        """Which part of a pool each of `ids` falls in under this set's split: fold x
+        validation. Every set taken from the pool with the same split is a union of parts."""
+        folds = self.exclude_fold or self.only_fold
+        fold = fold_of(ids, folds[1]) if folds is not None else np.zeros(len(ids), np.int64)
+        return fold * 2 + validation_mask(ids, self.validation_fraction)
+
+    def derived(self, key: object, make: Callable[[], object]) -> object:
+        """`make()`, computed once per key and kept until `release` (e.g. the exact fits'
+        design, shared by the linear and additive candidates, or a pool's for every fold)."""
         if key not in self._derived:
-            if self.pool is not None and take is not None:
-                whole = self.pool.derived(("ids", key), lambda rows: (rows["id"], make(rows)))
-                self.pool.release(keep_derived=True)
-                self._derived[key] = take(whole[1], self.id_mask(whole[0]))
-            else:
-                loaded_before = self._loaded is not None
-                self._derived[key] = make(self.load())
-                if not loaded_before:  # read only to derive: the derivation is what is kept
-                    self._loaded = None
+            self._derived[key] = make()
         return self._derived[key]
 
-    def release(self, keep_derived: bool = False) -> None:
-        """Forget the loaded rows, and what was derived from them unless `keep_derived` (the
-        next load re-reads)."""
+    def release(self) -> None:
+        """Forget the loaded rows and what was derived from them (the next load re-reads)."""
         self._loaded = None
-        if not keep_derived:
-            self._derived = {}
+        self._derived = {}
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """Batches of one epoch, produced on a background thread while the caller computes."""

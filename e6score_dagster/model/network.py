@@ -21,11 +21,12 @@ def probe_buckets(tag_idx: jnp.ndarray, hash_bits: int, num_probes: int) -> jnp.
     Several probes per tag make a collision of two tags in one row harmless: their other
     rows still tell them apart (a Bloom-style hashed embedding).
     """
-    x = tag_idx.astype(jnp.uint32)
+    xp = np if isinstance(tag_idx, np.ndarray) else jnp  # NumPy in, NumPy out
+    x = tag_idx.astype(xp.uint32)
     rows = [
-        (x * jnp.uint32(m)) >> jnp.uint32(32 - hash_bits) for m in _PROBE_MULTIPLIERS[:num_probes]
+        (x * xp.uint32(m)) >> xp.uint32(32 - hash_bits) for m in _PROBE_MULTIPLIERS[:num_probes]
     ]
-    return jnp.stack(rows, axis=-1).astype(jnp.int32)
+    return xp.stack(rows, axis=-1).astype(xp.int32)
 
 
 CATEGORY_CODES = 16  # a tag code is vocabulary index * 16 + (e621 category + 1); 0 = padding
@@ -37,13 +38,15 @@ UPLOADER_CATEGORY = CATEGORY_CODES - 1
 def effect_rows(tags: jnp.ndarray, hash_bits: int, num_probes: int, n_dense: int) -> jnp.ndarray:
     """Rows of the additive effect table for each tag code, [B, T, P]: the `n_dense` most
     frequent tags own one row each (no collisions where the data can pin an effect down);
-    the long tail and the uploaders share 2**hash_bits hashed rows after them."""
+    the long tail and the uploaders share 2**hash_bits hashed rows after them. NumPy in,
+    NumPy out; JAX otherwise."""
+    xp = np if isinstance(tags, np.ndarray) else jnp
     hashed = probe_buckets(tags, hash_bits, num_probes) + n_dense
     if n_dense <= 0:
         return hashed
     index = tags // CATEGORY_CODES
     dense = (index < n_dense) & (index > 0) & (tags % CATEGORY_CODES != UPLOADER_CATEGORY)
-    return jnp.where(dense[..., None], index[..., None], hashed)
+    return xp.where(dense[..., None], index[..., None], hashed).astype(xp.int32)
 
 
 # Tags whose effect may depend on the rating and drift over the upload years: identities (an
@@ -159,12 +162,17 @@ def calibrate(module: nn.Module, sigma: jnp.ndarray) -> jnp.ndarray:
 
 
 def metadata_features(batch: dict[str, jnp.ndarray], n_rating: int, n_ext: int, n_freq: int):
-    """Everything but the tags, as one dense vector per post."""
-    return jnp.concatenate(
+    """Everything but the tags, as one dense vector per post (NumPy in, NumPy out)."""
+    xp = np if isinstance(batch["numeric"], np.ndarray) else jnp
+
+    def one_hot(codes, n: int):
+        return (codes[:, None] == xp.arange(n)[None, :]).astype(xp.float32)
+
+    return xp.concatenate(
         [
             batch["numeric"],
-            jax.nn.one_hot(batch["rating"], n_rating),
-            jax.nn.one_hot(batch["ext"], n_ext),
+            one_hot(batch["rating"], n_rating),
+            one_hot(batch["ext"], n_ext),
             time_encoding(batch["t_years"], n_freq),
         ],
         axis=-1,
@@ -173,9 +181,10 @@ def metadata_features(batch: dict[str, jnp.ndarray], n_rating: int, n_ext: int, 
 
 def time_encoding(t_years: jnp.ndarray, n_freq: int) -> jnp.ndarray:
     """Smooth basis of the upload date, periods from ~40 years down to ~1 year."""
-    periods = jnp.geomspace(40.0, 1.0, n_freq)
-    ang = 2 * math.pi * t_years[:, None] / periods[None, :]
-    return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1)
+    xp = np if isinstance(t_years, np.ndarray) else jnp
+    periods = xp.geomspace(40.0, 1.0, n_freq).astype(xp.float32)
+    ang = xp.float32(2 * math.pi) * t_years[:, None] / periods[None, :]
+    return xp.concatenate([xp.sin(ang), xp.cos(ang)], axis=-1)
 
 
 class E6ScoreNet(nn.Module):

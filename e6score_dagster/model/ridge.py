@@ -22,16 +22,17 @@ import functools
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
+from scipy.sparse import _sparsetools
 from scipy.sparse.linalg import LinearOperator, cg
 
+from e6score_dagster.memory import release_memory
 from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches
 from e6score_dagster.model.network import (
@@ -55,6 +56,8 @@ from e6score_dagster.model.train import (
 from e6score_dagster.schema import TAG_CATEGORIES
 
 ENCODE_CHUNK = 65536  # posts per chunk when hashing tag codes into effect rows
+CHUNKS_PER_BLOCK = 4  # chunks a block holds where no split decides (bounds the build's copy)
+PIECE_ROWS = 1 << 17  # rows per task of the threaded products (views of a block)
 METADATA_PRIOR = 1.0  # precision on the (standardised) metadata weights: nearly flat
 LAMBDA_RANGE = (1e-2, 1e6)  # bounds of a group's prior precision, in units of the noise
 ROUND_REDUCTION = 0.1  # each solve cuts its starting residual at least this much
@@ -76,89 +79,234 @@ EXCLUDED_PRECISION = 1e8  # a tag effect of about 0.3 standard deviations of log
 
 
 @dataclass
-class Design:
-    """The additive model's design on a set of posts: dense metadata features `z` [N, d] and
-    the sparse tag part `s` [N, R] (a tag's P probe rows at 1/P each; one row at 1 for a dense
-    tag), so the prediction of (a, b, w) is z @ a + b + s @ w in units of y_std."""
+class Block:
+    """Rows of a design stored together: dense metadata features `z` [n, d], the sparse tag
+    part `s` [n, R] (a hashed tag's P probe columns at 1/P each, a dense tag's own column at
+    1, then its interaction columns), and the rows' targets (log1p(favs), standardised),
+    ratings, file types and ids."""
 
     z: np.ndarray
     s: sp.csr_matrix
-    y: np.ndarray  # [N] log1p(favs), standardised
-    rating: np.ndarray  # [N] for the scale's features
+    y: np.ndarray
+    rating: np.ndarray
     ext: np.ndarray
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def rows(self, a: int, b: int) -> Block:
+        """Rows a..b as views of this block's arrays (no copy)."""
+        lo, hi = self.s.indptr[a], self.s.indptr[b]
+        s = sp.csr_matrix(
+            (self.s.data[lo:hi], self.s.indices[lo:hi], self.s.indptr[a : b + 1] - lo),
+            shape=(b - a, self.s.shape[1]),
+        )
+        return Block(self.z[a:b], s, self.y[a:b], self.rating[a:b], self.ext[a:b],
+                     self.ids[a:b])
+
+    def take(self, keep: np.ndarray) -> Block:
+        """The rows where `keep` holds (copied)."""
+        idx = np.flatnonzero(keep)
+        return Block(self.z[idx], self.s[idx], self.y[idx], self.rating[idx], self.ext[idx],
+                     self.ids[idx])
+
+
+def _stack(blocks: list[Block]) -> Block:
+    """One block of `blocks`' rows in order (the list is emptied as it goes, so the pieces
+    are let go while the whole is built)."""
+    if len(blocks) == 1:
+        return blocks.pop()
+    whole = {k: np.concatenate([getattr(b, k) for b in blocks])
+             for k in ("z", "y", "rating", "ext", "ids")}
+    s = _csr([b.s.indices for b in blocks], [b.s.data for b in blocks],
+             [np.diff(b.s.indptr) for b in blocks], len(whole["y"]), blocks[0].s.shape[1])
+    blocks.clear()
+    return Block(s=s, **whole)
+
+
+@dataclass
+class Design:
+    """The additive model's design on a set of posts, in blocks of rows (`Block`), so the
+    prediction of (a, b, w) is z @ a + b + s @ w in units of y_std. A design over all fit rows
+    keeps each fold x validation class in its own block, so the design of any fold's training
+    or validation rows is a list of the same blocks: taken without a copy."""
+
+    blocks: list[Block]
     row_category: np.ndarray = field(repr=False)  # [R] e621 category code of each row's tags
     row_dense: np.ndarray = field(repr=False)  # [R] whether the row is one dense tag's own
     # [R] ROW_EFFECT (a tag's effect), ROW_BY_RATING or ROW_BY_TIME (its interactions)
     row_kind: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
 
+    @classmethod
+    def of(cls, z: np.ndarray, s: sp.csr_matrix, y: np.ndarray, **rows) -> Design:
+        """A design of one block (`rating`, `ext` and `ids` default to zeros)."""
+        n = len(y)
+        extra = {k: rows.pop(k, np.zeros(n, np.int64)) for k in ("rating", "ext", "ids")}
+        return cls([Block(z=z, s=s.tocsr(), y=y, **extra)], **rows)
+
+    @property
+    def n_metadata(self) -> int:
+        return self.blocks[0].z.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.blocks[0].s.shape[1]
+
     @property
     def n_params(self) -> int:
-        return self.z.shape[1] + 1 + self.s.shape[1]
+        return self.n_metadata + 1 + self.width
+
+    @property
+    def nnz(self) -> int:
+        return sum(b.s.nnz for b in self.blocks)
+
+    def _joined(self, name: str) -> np.ndarray:
+        return np.concatenate([getattr(b, name) for b in self.blocks])
+
+    @property
+    def y(self) -> np.ndarray:
+        return self._joined("y")
+
+    @property
+    def rating(self) -> np.ndarray:
+        return self._joined("rating")
+
+    @property
+    def ext(self) -> np.ndarray:
+        return self._joined("ext")
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._joined("ids")
+
+    @property
+    def z(self) -> np.ndarray:
+        """Every row's metadata features (a copy: for inspection)."""
+        return self._joined("z")
+
+    @property
+    def s(self) -> sp.csr_matrix:
+        """Every row's tag part (a copy: for inspection)."""
+        return sp.vstack([b.s for b in self.blocks], format="csr")
 
     def take(self, keep: np.ndarray) -> Design:
-        """The design of the posts where `keep` holds (rows copied; the tag rows' categories
-        stay those of the whole, so every slice groups its prior the same way)."""
-        idx = np.flatnonzero(keep)
-        return dataclasses.replace(
-            self,
-            z=self.z[idx],
-            s=self.s[idx],
-            y=self.y[idx],
-            rating=self.rating[idx],
-            ext=self.ext[idx],
-        )
+        """The design of the rows where `keep` holds: the blocks whole where they are kept
+        whole (shared, not copied), copied rows where a block is split; the tag rows'
+        categories stay those of the whole, so every part groups its prior the same way."""
+        out, at = [], 0
+        for b in self.blocks:
+            part = keep[at : at + len(b)]
+            at += len(b)
+            if part.all():
+                out.append(b)
+            elif part.any():
+                out.append(b.take(part))
+        return dataclasses.replace(self, blocks=out or [self.blocks[0].take(keep[:0])])
+
+    def column_counts(self) -> np.ndarray:
+        """How many entries each tag column has."""
+        return sum(np.bincount(b.s.indices, minlength=self.width) for b in self.blocks)
+
+    def metadata(self, a: np.ndarray) -> np.ndarray:
+        """z @ a over every row."""
+        return np.concatenate([b.z @ a for b in self.blocks])
 
     def predict(self, theta: np.ndarray) -> np.ndarray:
-        d = self.z.shape[1]
-        return self.z @ theta[:d] + theta[d] + self.s @ theta[d + 1 :]
+        return _Products(self).forward(theta)
 
 
-_effect_rows = jax.jit(effect_rows, static_argnums=(1, 2, 3))
-_metadata_features = jax.jit(metadata_features, static_argnums=(1, 2, 3))
-
-
-def design(rows: Batch, config: ModelConfig, layout: FeatureLayout) -> Design:
-    """The design matrix of `rows` (a loaded batch) in `LinearNet`'s parametrisation."""
+def _encode(
+    rows: Batch, config: ModelConfig, layout: FeatureLayout, category: np.ndarray,
+    hashed_counts: np.ndarray,
+) -> Block:
+    """A chunk of rows as a block in `LinearNet`'s parametrisation. Tallies the categories of
+    its tags: a dense row's is its tag's (`category`, set), a hashed row's the most common of
+    its entries' (`hashed_counts`, [hashed row x category], added to)."""
     n = len(rows["y"])
     n_dense = int(layout.extra.get("dense_tags", 0))
     n_rows = n_dense + 2**config.hash_bits
     p = config.num_probes
-    z = np.asarray(
-        _metadata_features(
-            {k: jnp.asarray(rows[k]) for k in ("numeric", "rating", "ext", "t_years")},
-            layout.n_rating,
-            layout.n_ext,
-            config.time_frequencies,
-        ),
-        np.float32,
-    )
-    cols, vals, per_post = [], [], []
-    counts = np.zeros(n_rows * CATEGORY_CODES, np.int64)
+    z = metadata_features(
+        {k: np.asarray(rows[k]) for k in ("numeric", "rating", "ext", "t_years")},
+        layout.n_rating,
+        layout.n_ext,
+        config.time_frequencies,
+    ).astype(np.float32, copy=False)
+    tags = np.asarray(rows["tags"])
+    flat = tags.reshape(-1)
+    pos = np.flatnonzero(flat > 0)
+    r = effect_rows(flat[pos], config.hash_bits, p, n_dense)
+    dense = r[:, 0] < n_dense
     probe_value = np.full(p, 1.0 / p, np.float32)
     dense_value = np.zeros(p, np.float32)
     dense_value[0] = 1.0  # a dense tag's probes all name its own row: one entry of 1
-    for i in range(0, n, ENCODE_CHUNK):
-        tags = rows["tags"][i : i + ENCODE_CHUNK]
-        r = np.asarray(_effect_rows(tags, config.hash_bits, p, n_dense)).reshape(-1, p)
-        flat = tags.reshape(-1)
-        pos = np.flatnonzero(flat > 0)
-        r = r[pos]
-        dense = r[:, 0] < n_dense
-        v = np.where(dense[:, None], dense_value, probe_value)
-        keep = v > 0
-        cols.append(r[keep].astype(np.int32))
-        vals.append(v[keep])
-        per_post.append(np.bincount(pos // tags.shape[1], keep.sum(axis=1), len(tags)))
-        cat = (flat[pos] % CATEGORY_CODES).astype(np.int64)
-        counts += np.bincount(
-            (r.astype(np.int64) * CATEGORY_CODES + cat[:, None]).reshape(-1),
-            minlength=len(counts),
-        )
-    s = _csr(cols, vals, per_post, n, n_rows)
-    row_category = counts.reshape(n_rows, CATEGORY_CODES).argmax(axis=1)
-    row_kind = np.zeros(n_rows, np.int64)
+    v = np.where(dense[:, None], dense_value, probe_value)
+    keep = v > 0
+    per_post = np.bincount(pos // tags.shape[1], keep.sum(axis=1), n)
+    s = _csr([r[keep].astype(np.int32)], [v[keep]], [per_post], n, n_rows)
+    cat = (flat[pos] % CATEGORY_CODES).astype(np.int64)
+    category[r[dense, 0]] = cat[dense]
+    hashed = r[~dense].astype(np.int64) - n_dense
+    hashed_counts += np.bincount((hashed * CATEGORY_CODES + cat[~dense, None]).reshape(-1),
+                                 minlength=hashed_counts.size).reshape(hashed_counts.shape)
     if n_dense > 0:  # the interaction table's columns (`network.Interactions`) after them
-        s = sp.hstack([s, _interaction_part(rows, n_dense, layout.n_rating)], format="csr")
+        inter_rows, inter_values = interaction_terms(
+            tags, np.asarray(rows["rating"]), np.asarray(rows["t_years"]), n_dense,
+            layout.n_rating,
+        )
+        used = (inter_values != 0).reshape(n, -1)
+        inter = _csr([inter_rows.reshape(n, -1)[used]], [inter_values.reshape(n, -1)[used]],
+                     [used.sum(axis=1)], n, interaction_rows(n_dense, layout.n_rating))
+        s = sp.hstack([s, inter], format="csr")
+    block = Block(
+        z=z,
+        s=s,
+        y=((rows["y"] - layout.y_mean) / layout.y_std).astype(np.float32),
+        rating=np.asarray(rows["rating"]).astype(np.int8),
+        ext=np.asarray(rows["ext"]).astype(np.int8),
+        ids=np.asarray(rows["id"], np.int64),
+    )
+    return block
+
+
+def build_design(
+    chunks: Iterable[Batch],
+    config: ModelConfig,
+    layout: FeatureLayout,
+    split: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Design:
+    """The design of the rows in `chunks`, streamed: a chunk at a time, so the rows are never
+    resident together beside it. `split` (ids -> class, e.g. fold x validation) stores each
+    class's rows in a block of their own; without it, blocks follow the file."""
+    n_dense = int(layout.extra.get("dense_tags", 0))
+    n_rows = n_dense + 2**config.hash_bits
+    parts: dict[int, list[Block]] = defaultdict(list)
+    category = np.zeros(n_rows, np.int64)
+    hashed_counts = np.zeros((n_rows - n_dense, CATEGORY_CODES), np.int64)
+    for i, rows in enumerate(chunks):
+        block = _encode(rows, config, layout, category, hashed_counts)
+        classes = split(block.ids) if split else np.full(len(block), i // CHUNKS_PER_BLOCK)
+        for k in np.unique(classes):
+            parts[int(k)].append(block if len(block) == 0 or (classes == k).all()
+                                 else block.take(classes == k))
+        del block
+        release_memory(collect=False)  # the chunk's transients, or the heap only grows
+    if not parts:  # no rows: one empty block
+        empty = {"id": np.zeros(0, np.int64), "y": np.zeros(0, np.float32),
+                 "tags": np.zeros((0, layout.max_tags), np.int32),
+                 "rating": np.zeros(0, np.int32), "ext": np.zeros(0, np.int32),
+                 "numeric": np.zeros((0, len(layout.numeric)), np.float32),
+                 "t_years": np.zeros(0, np.float32)}
+        parts[0].append(_encode(empty, config, layout, category, hashed_counts))
+    blocks = []
+    for k in sorted(parts):
+        blocks.append(_stack(parts.pop(k)))
+        release_memory(collect=False)
+    row_category = category
+    row_category[n_dense:] = hashed_counts.argmax(axis=1)
+    row_kind = np.zeros(n_rows, np.int64)
+    if n_dense > 0:
         per_tag = row_category[:n_dense]
         row_category = np.concatenate(
             [row_category, np.repeat(per_tag, layout.n_rating), per_tag]
@@ -169,11 +317,7 @@ def design(rows: Batch, config: ModelConfig, layout: FeatureLayout) -> Design:
             np.full(n_dense, ROW_BY_TIME),
         ])
     return Design(
-        z=z,
-        s=s,
-        y=((rows["y"] - layout.y_mean) / layout.y_std).astype(np.float32),
-        rating=np.asarray(rows["rating"]),
-        ext=np.asarray(rows["ext"]),
+        blocks=blocks,
         row_category=row_category,
         row_dense=(np.arange(len(row_kind)) < n_dense) | (row_kind != ROW_EFFECT),
         row_kind=row_kind,
@@ -186,42 +330,31 @@ def _csr(cols: list, vals: list, per_post: list, n: int, width: int) -> sp.csr_m
     return sp.csr_matrix(
         (
             np.concatenate(vals or [np.zeros(0, np.float32)]),
-            np.concatenate(cols or [np.zeros(0, np.int32)]),
+            np.concatenate(cols or [np.zeros(0, np.int32)]).astype(np.int32, copy=False),
             indptr.astype(np.int32 if indptr[-1] < 2**31 else np.int64),
         ),
         shape=(n, width),
     )
 
 
-def _interaction_part(rows: Batch, n_dense: int, n_rating: int) -> sp.csr_matrix:
-    """The interaction columns of the design: each dense identity tag's entry for the post's
-    rating and its upload-date slope (`network.interaction_terms`)."""
-    n = len(rows["y"])
-    cols, vals, per_post = [], [], []
-    for i in range(0, n, ENCODE_CHUNK):
-        tags = rows["tags"][i : i + ENCODE_CHUNK]
-        r, v = interaction_terms(
-            tags, np.asarray(rows["rating"][i : i + ENCODE_CHUNK]),
-            np.asarray(rows["t_years"][i : i + ENCODE_CHUNK]), n_dense, n_rating,
-        )
-        used = (v != 0).reshape(len(tags), -1)
-        cols.append(r.reshape(len(tags), -1)[used])
-        vals.append(v.reshape(len(tags), -1)[used])
-        per_post.append(used.sum(axis=1))
-    return _csr(cols, vals, per_post, n, interaction_rows(n_dense, n_rating))
-
-
 def design_of(data: ParquetBatches, config: ModelConfig, layout: FeatureLayout) -> Design:
-    """The design of `data`'s rows, built once while they stay loaded, or sliced from its
-    pool's (built once for every fold's fits)."""
+    """The design of `data`'s rows, built once (streamed from its file), or taken from its
+    pool's: one design over all fit rows, built once for every candidate's and fold's fits,
+    in blocks by `data`'s split so each fit's rows are whole blocks."""
     key = ("ridge design", config.hash_bits, config.num_probes, config.time_frequencies)
-    return data.derived(key, lambda rows: design(rows, config, layout), Design.take)
+    if data.pool is None:
+        return data.derived(key, lambda: build_design(data.chunks(), config, layout))
+    pool = data.pool
+    whole = pool.derived(
+        key, lambda: build_design(pool.chunks(), config, layout, data.split_class)
+    )
+    return data.derived(key, lambda: whole.take(data.id_mask(whole.ids)))
 
 
 def tag_groups(d: Design, by_category: bool) -> np.ndarray:
     """The prior group of each tag row: category x (dense or hashed), or one group for all
     (the plain ridge); -1 for rows no post uses."""
-    used = np.asarray(d.s.getnnz(axis=0)) > 0
+    used = d.column_counts() > 0
     kind = d.row_kind if len(d.row_kind) else np.zeros(len(used), np.int64)
     if by_category:
         group = (kind * CATEGORY_CODES + d.row_category) * 2 + d.row_dense
@@ -260,29 +393,86 @@ def _product_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(PRODUCT_THREADS, thread_name_prefix="e6score-ridge")
 
 
-def _threaded_products(s: sp.csr_matrix) -> tuple[Callable, Callable]:
-    """s @ v and s.T @ u with the rows split in PRODUCT_THREADS blocks, one thread each (SciPy
-    releases the GIL in them). The blocks share `s`'s arrays: no copy of the design."""
-    n = s.shape[0]
-    cuts = np.linspace(0, n, PRODUCT_THREADS + 1).astype(int)
-    blocks = []
-    for a, b in itertools.pairwise(cuts):
-        lo, hi = s.indptr[a], s.indptr[b]
-        blocks.append(
-            (a, b, sp.csr_matrix((s.data[lo:hi], s.indices[lo:hi], s.indptr[a : b + 1] - lo),
-                                 shape=(b - a, s.shape[1])))
-        )
-    if len(blocks) < 2 or n < 4 * ENCODE_CHUNK:
-        return (lambda v: s @ v), (lambda u: s.T @ u)
-    pool = _product_pool()
+class _Products:
+    """A design's products with its parameter vector theta = (a, b, w): the rows are cut into
+    pieces of at most PIECE_ROWS (views of the blocks: no copy of the design), and the pieces
+    into PRODUCT_THREADS runs of about equal rows, one thread each (SciPy and NumPy release
+    the GIL in them). The sparse products add into one output per run through SciPy's own
+    kernels (`_sparsetools`, what `s @ v` and `s.T @ u` call): a product per piece would
+    allocate a parameter-sized vector each, and at 6M posts the heap grew 1.5 GB with them."""
 
-    def forward(v: np.ndarray) -> np.ndarray:
-        return np.concatenate(list(pool.map(lambda blk: blk[2] @ v, blocks)))
+    def __init__(self, d: Design) -> None:
+        self.dz = d.n_metadata
+        self.n_params = d.n_params
+        pieces = [b.rows(a, min(a + PIECE_ROWS, len(b)))
+                  for b in d.blocks for a in range(0, len(b), PIECE_ROWS)]
+        self.n = sum(len(p) for p in pieces)
+        starts = np.cumsum([0] + [len(p) for p in pieces])[:-1]
+        threads = PRODUCT_THREADS if self.n >= 4 * ENCODE_CHUNK else 1
+        owner = (starts * threads) // max(self.n, 1)
+        self.runs = [[p for p, o in zip(pieces, owner, strict=True) if o == k]
+                     for k in range(threads)]
+        self.runs = [r for r in self.runs if r]
+        self.cuts = np.cumsum([0] + [sum(len(p) for p in r) for r in self.runs])
 
-    def transposed(u: np.ndarray) -> np.ndarray:
-        return sum(pool.map(lambda blk: blk[2].T @ u[blk[0] : blk[1]], blocks))
+    def _map(self, fn: Callable, *args) -> list:
+        if len(self.runs) < 2:
+            return [fn(r, *a) for r, *a in zip(self.runs, *args, strict=True)]
+        return list(_product_pool().map(fn, self.runs, *args))
 
-    return forward, transposed
+    def forward(self, theta: np.ndarray) -> np.ndarray:
+        """z @ a + b + s @ w for every row."""
+        theta = np.asarray(theta, np.float32)
+        a, w = theta[: self.dz], theta[self.dz + 1 :]
+
+        def run(pieces: list[Block]) -> np.ndarray:
+            out = []
+            for p in pieces:
+                y = p.z @ a
+                _sparsetools.csr_matvec(*p.s.shape, p.s.indptr, p.s.indices, p.s.data, w, y)
+                out.append(y)
+            return np.concatenate(out)
+
+        parts = self._map(run)
+        return (np.concatenate(parts) if parts else np.zeros(0, np.float32)) + theta[self.dz]
+
+    def transposed(self, u: np.ndarray) -> np.ndarray:
+        """(z.T @ u, sum(u), s.T @ u): the design's transpose times a per-row vector."""
+        def run(pieces: list[Block], u_run: np.ndarray) -> np.ndarray:
+            out = np.zeros(self.n_params, np.float32)
+            at = 0
+            for p in pieces:
+                part = u_run[at : at + len(p)]
+                at += len(p)
+                out[: self.dz] += p.z.T @ part
+                out[self.dz] += part.sum()
+                # s.T @ part added in place: the CSR arrays read as the transpose's CSC.
+                _sparsetools.csc_matvec(p.s.shape[1], p.s.shape[0], p.s.indptr, p.s.indices,
+                                        p.s.data, part, out[self.dz + 1 :])
+            return out
+
+        u = np.asarray(u, np.float32)
+        u_runs = [u[a:b] for a, b in itertools.pairwise(self.cuts)]
+        return sum(self._map(run, u_runs), np.zeros(self.n_params, np.float32))
+
+    def squares(self) -> np.ndarray:
+        """The diagonal of the design's Gram matrix (each tag column's sum of squares; the
+        diagonal of the Jacobi preconditioner and of the evidence's Hessian)."""
+        out = np.zeros(self.n_params, np.float32)
+        for p in itertools.chain.from_iterable(self.runs):
+            out[: self.dz] += np.square(p.z).sum(axis=0)
+            out[self.dz + 1 :] += np.bincount(p.s.indices, np.square(p.s.data), self.n_params
+                                              - self.dz - 1)
+        out[self.dz] = self.n
+        return out
+
+    def squared_rows(self, per_column: np.ndarray) -> np.ndarray:
+        """Each row's sum over its tag entries of value^2 x `per_column` (the leverage)."""
+        return np.concatenate([
+            sp.csr_matrix((np.square(p.s.data), p.s.indices, p.s.indptr), shape=p.s.shape)
+            @ per_column
+            for p in itertools.chain.from_iterable(self.runs)
+        ] or [np.zeros(0, np.float32)])
 
 
 def remaining_gain(nlls: list[float]) -> float:
@@ -321,17 +511,19 @@ def fit_ridge(
     prior; a number fits only the Student-t prior with those degrees of freedom (the choice
     of an earlier fit)."""
     t0 = time.perf_counter()
-    dz = d.z.shape[1]
-    s, z = d.s, d.z
-    st = s.T  # a CSC view: its products are as fast as a transposed copy's, without the copy
-    tags, tags_t = _threaded_products(s)
-    h_tags = np.bincount(s.indices, np.square(s.data), s.shape[1]).astype(np.float32)
-    diag = np.concatenate([np.square(z).sum(axis=0), [len(y)], h_tags]).astype(np.float32)
+    dz = d.n_metadata
+    products = _Products(d)
+    val_products = _Products(validation[0]) if validation is not None else None
+    diag = products.squares()
+    h_tags = diag[dz + 1 :]
     names = [int(g) for g in np.unique(groups) if g >= 0]
     lam_of = {g: float((prior0 or {}).get(g, INITIAL_PRECISION)) for g in names}
     member = {g: np.flatnonzero(groups == g) for g in names}
     y = np.asarray(y, np.float32)
-    rhs = np.concatenate([z.T @ y, [y.sum()], st @ y]).astype(np.float32)
+    rhs = products.transposed(y)
+    # The solves' temporaries come and go in many sizes and glibc keeps what they free: at
+    # 6M posts the heap grew 1.5 GB above what was live. Each round gives it back.
+    release_memory(collect=False)
     theta = np.zeros(d.n_params, np.float32) if theta0 is None else theta0.astype(np.float32)
     history: list[dict] = []
     best: tuple = (math.inf, -1, theta, np.zeros(0), dict(lam_of), 0.0)
@@ -340,8 +532,7 @@ def fit_ridge(
     def solve(lam: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, dict]:
         """One warm-started CG solve under prior precisions `lam`, and how it scores."""
         def normal(v: np.ndarray) -> np.ndarray:
-            u = z @ v[:dz] + v[dz] + tags(v[dz + 1 :])
-            return np.concatenate([z.T @ u, [u.sum()], tags_t(u)]) + lam * v
+            return products.transposed(products.forward(v)) + lam * v
 
         iters = 0
 
@@ -359,12 +550,12 @@ def fit_ridge(
         theta, _ = cg(op, rhs, x0=theta, M=pre, rtol=0.0, atol=atol, maxiter=cg_iters,
                       callback=count)
         theta = theta.astype(np.float32)
-        noise = float(np.mean(np.square(y - d.predict(theta))))
+        noise = float(np.mean(np.square(y - products.forward(theta))))
         entry = {"round": len(history) + 1, "cg_iterations": iters,
                  "train_rmse": math.sqrt(noise), "noise": noise}
-        if validation is not None and len(validation[1]):
-            vd, vy = validation
-            v_resid = vy - vd.predict(theta)
+        if val_products is not None and len(validation[1]):
+            vy = validation[1]
+            v_resid = vy - val_products.forward(theta)
             v_sigma = float(np.sqrt(np.mean(np.square(v_resid))))
             entry["validation_nll"] = float(np.mean(gaussian_nll(0.0, v_sigma, v_resid)))
         return theta, entry
@@ -374,6 +565,7 @@ def fit_ridge(
         validation, if it is the last)."""
         nonlocal best
         entry["seconds"] = round(time.perf_counter() - t0, 2)
+        release_memory(collect=False)
         entry["prior"] = kind
         history.append(entry)
         nll = entry.get("validation_nll", -math.inf)
@@ -399,7 +591,7 @@ def fit_ridge(
         """One EM step of a Student-t prior (scale per group, dof `dof`): each tag row's
         precision is its group's times E[1/variance | w], so a tag whose effect stands far
         out of its group is shrunk less, and the group scales are refitted."""
-        noise = float(np.mean(np.square(y - d.predict(theta))))
+        noise = float(np.mean(np.square(y - products.forward(theta))))
         second = np.square(theta[dz + 1 :]) + noise / (h_tags + lam[dz + 1 :])  # E[w^2]
         for g in names:
             m = member[g]
@@ -451,7 +643,7 @@ def fit_ridge(
     tail_rounds = rounds if tail_dof else (TAIL_ROUNDS if tail_dof is None and has_val else 0)
     if tail_rounds and dof > 0:
         theta, lam = (best[2], best[3]) if history else (theta, lam_vector())
-        u = np.ones(s.shape[1], np.float32)
+        u = np.ones(d.width, np.float32)
         for _ in range(tail_rounds):
             before = best[0]
             lam = tail_step(theta, lam, u)
@@ -468,11 +660,10 @@ def fit_ridge(
     per_row = 1.0 / (diag[dz + 1 :] + lam[dz + 1 :])
     if len(d.row_kind):
         per_row = np.where(d.row_kind == ROW_EFFECT, per_row, 0.0).astype(np.float32)
-    # The squared design exists only here: beside the solves it was nnz x 4 bytes more.
-    leverage = sp.csr_matrix((np.square(s.data), s.indices, s.indptr), shape=s.shape) @ per_row
+    leverage = products.squared_rows(per_row)
     return RidgeFit(
         theta=theta,
-        residual=y - d.predict(theta),
+        residual=y - products.forward(theta),
         leverage=np.clip(leverage, 0.0, 0.95),
         prior_precision={g: round(v, 4) for g, v in prior.items()},
         rounds=history,
@@ -531,26 +722,30 @@ def fit_link(mean: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_link_and_metadata(
-    mean: np.ndarray, y: np.ndarray, z: np.ndarray
+    mean: np.ndarray, y: np.ndarray, z: np.ndarray | Design
 ) -> tuple[np.ndarray, np.ndarray]:
     """The link's coefficients, and a shift of the metadata weights and bias (one Gauss-Newton
     step through the link): with the mean bent, a group of posts with few favourites (say a
     rare file type) would otherwise keep an effect fitted without the bend. Refits the link
     after the shift. `mean`: out-of-sample predictions."""
     link = fit_link(mean, y)
-    d = z.shape[1] + 1
+    blocks = [z] if isinstance(z, np.ndarray) else [b.z for b in z.blocks]
+    d = blocks[0].shape[1] + 1
     gram = np.zeros((d, d))
     rhs = np.zeros(d)
-    for i in range(0, len(y), ENCODE_CHUNK * 4):  # bounded temporaries on big dumps
-        m = np.asarray(mean[i : i + ENCODE_CHUNK * 4], np.float32)
+    i = 0
+    for zi in (b[j : j + ENCODE_CHUNK * 4] for b in blocks for j in range(0, len(b),
+                                                                         ENCODE_CHUNK * 4)):
+        m = np.asarray(mean[i : i + len(zi)], np.float32)  # bounded temporaries on big dumps
         slope = 1.0 - ((link_features(m) > 0) @ link).astype(np.float64)
         bent = linked(link, m).astype(np.float64)
-        zb = np.concatenate([z[i : i + len(m)], np.ones((len(m), 1), np.float32)], axis=1)
+        zb = np.concatenate([zi, np.ones((len(m), 1), np.float32)], axis=1)
         weighted = zb * slope[:, None].astype(np.float32)
         gram += (weighted.T @ weighted).astype(np.float64)
         rhs += weighted.T.astype(np.float64) @ (y[i : i + len(m)] - bent)
+        i += len(m)
     shift = np.linalg.solve(gram + METADATA_PRIOR * np.eye(d), rhs).astype(np.float32)
-    moved = mean + z @ shift[:-1] + shift[-1]
+    moved = mean + np.concatenate([b @ shift[:-1] for b in blocks]) + shift[-1]
     return fit_link(moved, y), shift
 
 
@@ -563,7 +758,7 @@ def linked(link: np.ndarray, mean: np.ndarray) -> np.ndarray:
 def choose_link(
     loo: np.ndarray,
     y: np.ndarray,
-    z: np.ndarray,
+    z: Design,
     theta: np.ndarray,
     validation: tuple[Design, np.ndarray] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -572,16 +767,17 @@ def choose_link(
     dump the leave-one-out predictions they are fitted to are rough, and the plain additive
     mean can be the better one)."""
     n_links = len(LINK_KNOTS)
-    options = [(np.zeros(n_links, np.float32), np.zeros(z.shape[1] + 1, np.float32))]
+    options = [(np.zeros(n_links, np.float32), np.zeros(z.n_metadata + 1, np.float32))]
     options.append((fit_link(loo, y), options[0][1]))
     options.append(fit_link_and_metadata(loo, y, z))
     if validation is None or not len(validation[1]):
         return options[-1]
     vd, vy = validation
+    predicted = vd.predict(theta)
 
     def error(option: tuple[np.ndarray, np.ndarray]) -> float:
         link, shift = option
-        moved = vd.predict(theta) + vd.z @ shift[:-1] + shift[-1]
+        moved = predicted + vd.metadata(shift[:-1]) + shift[-1]
         return float(np.mean(np.square(vy - linked(link, moved))))
 
     return min(options, key=error)
@@ -650,7 +846,7 @@ def train_ridge(
     load_seconds = time.perf_counter() - t_load
     groups = tag_groups(train_design, by_category=config.architecture == "additive")
     log(
-        f"ridge: {len(y):,} posts, {train_design.s.nnz:,} tag entries, "
+        f"ridge: {len(y):,} posts, {train_design.nnz:,} tag entries, "
         f"{len(set(groups.tolist()) - {-1})} prior groups" + (", warm start" if warm else "")
     )
     fit = fit_ridge(
@@ -670,17 +866,18 @@ def train_ridge(
     # what the fit predicts for posts it did not see, so the link and the scale are fitted to
     # out-of-sample behaviour.
     loo = y - fit.residual / (1.0 - fit.leverage)
-    link, shift = choose_link(loo, y, train_design.z, fit.theta, val)
+    release_memory(collect=False)
+    link, shift = choose_link(loo, y, train_design, fit.theta, val)
     fit.theta = fit.theta.copy()
     fit.theta[: len(shift)] += shift
-    loo = loo + train_design.z @ shift[:-1] + shift[-1]
+    loo = loo + train_design.metadata(shift[:-1]) + shift[-1]
     mean = linked(link, loo)
     features = scale_features(
         {"rating": train_design.rating, "ext": train_design.ext}, mean, layout.n_rating,
         layout.n_ext,
     )
     log_scale = fit_log_scale(y - mean, np.zeros_like(y), features)
-    params = to_params(fit, init_params(config, layout), train_design.z.shape[1], log_scale, link)
+    params = to_params(fit, init_params(config, layout), train_design.n_metadata, log_scale, link)
     factor = 1.0
     if val_rows is not None and len(val_rows["y"]):
         factor = calibrate_on_rows(config, layout, params, val_rows)

@@ -49,10 +49,6 @@ SELECTION_MARGIN = 1e-4
 MIN_GAIN_OVER_CONSTANT = 0.01
 CURRENT_TOLERANCE = 0.01
 EVAL_BATCH = 8192
-# The shared design's size: about 30 tag entries a post (8 bytes each) and 50 dense metadata
-# features (4 bytes each). Up to POOL_MAX_BYTES (about 2M fit posts) it is built once.
-POOL_BYTES_PER_ROW = 30 * 8 + 50 * 4
-POOL_MAX_BYTES = 1_000_000_000
 MAX_VALIDATION_FRACTION = 0.2
 
 
@@ -162,15 +158,16 @@ def validation_fraction(config: ModelConfig, fit_posts: int) -> float:
 def _datasets(
     config: ModelConfig,
     layout: FeatureLayout,
-    matrix: Path,
+    pool: ParquetBatches,
     fold: tuple[int, int] | None,
-    pool: ParquetBatches | None = None,
 ) -> tuple[ParquetBatches, ParquetBatches]:
-    fit = ParquetBatches(
-        matrix, layout, config.batch_size, rows="fit", exclude_fold=fold, pool=pool
-    )
-    fraction = validation_fraction(config, fit.num_rows())
+    """The training and validation rows of the fit without `fold`, taken from `pool`. The
+    validation fraction is the same for every fold (set by the rows one fold's fit has), so
+    every fold's rows are whole blocks of the pool's design."""
+    kept = (fold[1] - 1) / fold[1] if fold else 1.0
+    fraction = validation_fraction(config, round(pool.num_rows() * kept))
     split = {"validation_fraction": fraction, "exclude_fold": fold, "pool": pool}
+    matrix = pool.path
     data = ParquetBatches(
         matrix, layout, config.batch_size, rows="train", shuffle_seed=config.seed, **split
     )
@@ -259,12 +256,9 @@ def select_and_crossfit(
     if unknown or not names:
         raise ValueError(f"unknown candidates {sorted(unknown)}; known: {CANDIDATES}")
     # Every fit's rows come from one pool of all fit rows: the exact solves' design is built
-    # once over it and sliced per fold and per validation split. Where that design would be
-    # large (it lives beside each fold's slice), each fit builds its own instead.
+    # once over it, in blocks by fold and validation split, and each fit takes its blocks.
     pool = ParquetBatches(matrix, layout, config.batch_size, rows="fit")
-    if pool.num_rows() * POOL_BYTES_PER_ROW > POOL_MAX_BYTES:
-        pool = None
-    data, validation = _datasets(config, layout, matrix, fold0, pool)
+    data, validation = _datasets(config, layout, pool, fold0)
     held_out = ParquetBatches(matrix, layout, EVAL_BATCH, rows="holdout")
     held_out.load()  # kept until the out-of-fold predictions: read once
     fits: dict[str, CandidateFit] = {}
@@ -275,7 +269,7 @@ def select_and_crossfit(
             done = [n for n in ADDITIVE if n in fits]
             if done:
                 base_name = min(done, key=lambda n: fits[n].validation["nll"])
-            data.release()  # the exact fits are done: their design goes before the deep rows come
+            data.release()  # the exact fits' part of the pool's design: the folds refit from it
         log(f"candidate {name}" + (f" (on top of {base_name})" if base_name else ""))
         t_fit = time.perf_counter()
         base = params_of.get(base_name) if base_name else None
@@ -318,7 +312,7 @@ def select_and_crossfit(
     for k in range(1, k_folds):
         t_fold = time.perf_counter()
         log(f"cross-fitting {chosen} without fold {k} of {k_folds}")
-        fdata, fval = _datasets(config, layout, matrix, (k, k_folds), pool)
+        fdata, fval = _datasets(config, layout, pool, (k, k_folds))
         # Every fold's fit starts from fold 0's (the same rows but two folds' worth).
         base = None
         if chosen == "deep" and chosen_fit.base:
@@ -331,8 +325,7 @@ def select_and_crossfit(
         fdata.release()
         fval.release()
         fold_seconds.append(time.perf_counter() - t_fold)
-    if pool is not None:
-        pool.release()
+    pool.release()
     held_rows = held_out.load()
     predictions = predict_out_of_fold(chosen_fit.config, layout, fold_params, held_rows)
     current_nll = current_holdout_nll(previous, layout, matrix, held_rows) if previous else None

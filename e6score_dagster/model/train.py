@@ -406,7 +406,8 @@ def train(
     resident = data.num_rows() * data.row_bytes() <= RESIDENT_MAX_BYTES
     rows = None
     if resident:
-        rows = jax.device_put({k: v for k, v in data.load().items() if k in (*MODEL_INPUTS, "y")})
+        # Read, not loaded: the device's copy is the one kept.
+        rows = jax.device_put({k: v for k, v in data.read().items() if k in (*MODEL_INPUTS, "y")})
     val_rows = validation.load() if validation is not None else None
     has_val = val_rows is not None and len(val_rows["y"]) > 0
     load_seconds = time.perf_counter() - t_load
