@@ -98,10 +98,11 @@ class Block:
     def rows(self, a: int, b: int) -> Block:
         """Rows a..b as views of this block's arrays (no copy)."""
         lo, hi = self.s.indptr[a], self.s.indptr[b]
-        s = sp.csr_matrix(
-            (self.s.data[lo:hi], self.s.indices[lo:hi], self.s.indptr[a : b + 1] - lo),
-            shape=(b - a, self.s.shape[1]),
-        )
+        # Assigned, not passed to the constructor: its format check copies a slice that is
+        # less than half of its base (at 6M posts, a second copy of the design).
+        s = sp.csr_matrix((b - a, self.s.shape[1]), dtype=self.s.dtype)
+        s.data, s.indices = self.s.data[lo:hi], self.s.indices[lo:hi]
+        s.indptr = self.s.indptr[a : b + 1] - lo
         return Block(self.z[a:b], s, self.y[a:b], self.rating[a:b], self.ext[a:b],
                      self.ids[a:b])
 
@@ -468,11 +469,14 @@ class _Products:
 
     def squared_rows(self, per_column: np.ndarray) -> np.ndarray:
         """Each row's sum over its tag entries of value^2 x `per_column` (the leverage)."""
-        return np.concatenate([
-            sp.csr_matrix((np.square(p.s.data), p.s.indices, p.s.indptr), shape=p.s.shape)
-            @ per_column
-            for p in itertools.chain.from_iterable(self.runs)
-        ] or [np.zeros(0, np.float32)])
+        per_column = np.asarray(per_column, np.float32)
+        out = []
+        for p in itertools.chain.from_iterable(self.runs):
+            y = np.zeros(len(p), np.float32)
+            _sparsetools.csr_matvec(*p.s.shape, p.s.indptr, p.s.indices, np.square(p.s.data),
+                                    per_column, y)
+            out.append(y)
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 def remaining_gain(nlls: list[float]) -> float:
