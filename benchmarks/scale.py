@@ -222,61 +222,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GB RAM, Python {platform.python_version()}"
 
 
-FINDINGS = """## What the measurements show
+FINDINGS_HEADING = "## What the measurements show"
 
-The 100k and 1M columns were re-measured on 2026-11-30 (third session): five cross-fitting
-folds, the additive fits with a link, calibrated early stopping. The 6M column is from
-2026-11-29, before model selection, and was not re-run. The machine's speed varies by about a
-third within a session: compare a step with the bare scan measured beside it.
 
-- **Whole chain at 1M posts: 143 s and 3.3 GB peak RSS on the AMD EPYC machine of the morning,
-  187 s and 3.4 GB on the slower Intel Xeon machine of the afternoon (the README's command,
-  every step in one process; target 100 s and 2.5 GB: missed).** One process per step: 125 s of
-  step time, 163 s with the processes, the largest step's peak 2,637 MB (`scored_posts`;
-  `fitted_params` 2,507 MB). The 1M column mixes the two machines: the first four steps are from
-  the AMD run, `fitted_params` and `scored_posts` were re-measured on the Intel one (bare scan
-  5.4-5.8 s there against 4.9 s). Where the time goes (the job's log): start-up 5 s, `raw_dump`
-  3 s (the gzip check now inflates with ISA-L: 6.1 s to 2.0 s for the 356 MB file),
-  `cleaned_posts` 8 s, `tag_vocabulary` 2 s, `feature_matrix` 12 s, `fitted_params` 93 s,
-  `scored_posts` 18 s (AMD). One process holds more memory than any one step does (DuckDB's
-  buffers and JAX's caches from the earlier steps stay with it).
-- **`fitted_params` at 1M.** On the AMD machine (the job's log): the constant 4 s; the linear
-  candidate 23 s (the design over all fit rows 6 s, four evidence rounds 14 s); the additive one
-  13 s (seven rounds); the deep stage 19 s (7 s loading its rows and compiling, 93 steps,
-  stopped early); four refits of 6-7 s; hold-out metrics and publication 15 s. Re-measured on
-  the Intel machine after the hold-out rows were read once instead of once per fold: 81 s (was
-  101 s there). What changed this session, measured standalone on the same features
-  (`select_and_crossfit`, three folds for comparison): 102 s before, 84 s with one design over
-  all fit rows (built once, sliced per fold and validation split), 65 s with the conjugate-
-  gradient products on both cores, every candidate's validation and hold-out scoring through one
-  compiled forward over rows loaded once, and the deep stage scored ten times an epoch (it stops
-  within a third of its epoch where it only gets worse). Five folds instead of three cost two
-  more refits (about 5 s each: one solve from fold 0's solution, keeping its prior widths). What
-  would remove more: the deep stage (7 s of setup and 7 s of training at 1M that it rarely turns
-  into a better fit; a step budget that scales with what it gains), the linear candidate's four
-  evidence rounds (16 s; it is a baseline), and the publication (metadata, plots and the params
-  file, 7 s).
-- **`scored_posts` at 1M: 12.9 s (AMD), 18.5 s (Intel; scoring 6.4 s, the CSV export 10.7 s).**
-  Each fold's posts are read apart and scored by their own model only (it scored every post with
-  every fold model and kept one), and the shrinkage factor reads its category weight by index
-  instead of multiplying a one-hot: the additive forward pass went from 35 to 12 ms per 8,192
-  posts; scoring 1M posts from 15.0 s to 5.6 s.
-- **`cleaned_posts`: 1.6x the bare scan at 1M posts (both on the AMD machine; the table's ratio
-  divides by the Intel machine's scan) (target 2x, met; 6M not re-measured).** The typed table
-  stores `tag_string`, not a tag array, and its free text uncompressed; the tag array is split
-  from `tag_string` where it is read.
-- **Deep stage throughput: 70k posts/s at 1M on the Intel machine (target 60k: met).** Measured
-  after the first dispatch, which compiles the step. The step is bound by the hashed-embedding
-  gathers and their scatter-adds (0.21 ms of host overhead per step, `TRAIN_LOOP.md`). No GPU
-  was lent to this project's sessions, so the H200 targets are unmeasured;
-  `benchmarks/train_loop.py` runs the model package alone on a feature matrix for that. The
-  exact solves run on the CPU (SciPy) on any machine.
-- **From the 2026-11-29 runs (before model selection):** the 6M chain took 880 s of step time
-  with every step under 3.6 GB; cost grows about linearly from 1M to 6M in every step. Above
-  about 2M fit posts the fits no longer share one design (it would be about 2 GB at 6M): each
-  builds its own, as before, and the exact fits' design is freed before the deep stage loads its
-  rows.
-"""
+def findings() -> str:
+    """The findings section of SCALE.md as it stands: people write it beside the tables, which
+    every run regenerates."""
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else ""
+    if FINDINGS_HEADING in text:
+        return text[text.index(FINDINGS_HEADING) :].rstrip("\n")
+    return FINDINGS_HEADING + "\n\n(not written yet)"
 
 
 def write_md(runs: list[dict]) -> None:
@@ -409,9 +364,7 @@ def write_md(runs: list[dict]) -> None:
         "Commands: "
         + ", ".join(f"`python benchmarks/scale.py --posts {r['posts']}`" for r in runs),
         "",
-        FINDINGS,
-        "The training loop (resident rows, fused steps, the batch-size rule) and its per-step host",
-        "overhead, measured on the model package alone: `TRAIN_LOOP.md`.",
+        findings(),
     ]
     RESULTS_MD.write_text("\n".join(lines) + "\n")
 

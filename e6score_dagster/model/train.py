@@ -276,11 +276,13 @@ def _predict_rows(fwd: Callable, params: dict, rows: Batch) -> tuple[np.ndarray,
     if n == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0)
     bs = min(PREDICT_BATCH, n)
-    pad = -n % bs
-    inputs = {k: np.concatenate([rows[k], rows[k][:pad]]) if pad else rows[k] for k in MODEL_INPUTS}
-    outs = [
-        fwd(params, {k: v[i : i + bs] for k, v in inputs.items()}) for i in range(0, n + pad, bs)
-    ]
+    outs = []
+    for i in range(0, n, bs):
+        part = {k: rows[k][i : i + bs] for k in MODEL_INPUTS}
+        pad = bs - len(part["tags"])
+        if pad:  # the last slice, padded to the compiled size (not a copy of all the rows)
+            part = {k: np.concatenate([v, rows[k][:pad]]) for k, v in part.items()}
+        outs.append(fwd(params, part))
     mu = np.asarray(jnp.concatenate([o[0] for o in outs]))[:n]
     sigma = np.asarray(jnp.concatenate([o[1] for o in outs]))[:n]
     return rows["y"], mu, sigma
