@@ -126,6 +126,16 @@ def _stack(blocks: list[Block]) -> Block:
     return Block(s=s, **whole)
 
 
+class _Joined:
+    """A per-row array of a design's blocks, joined in order (a copy)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, design: Design, owner: type | None = None) -> np.ndarray:
+        return np.concatenate([getattr(b, self.name) for b in design.blocks])
+
+
 @dataclass
 class Design:
     """The additive model's design on a set of posts, in blocks of rows (`Block`), so the
@@ -162,29 +172,9 @@ class Design:
     def nnz(self) -> int:
         return sum(b.s.nnz for b in self.blocks)
 
-    def _joined(self, name: str) -> np.ndarray:
-        return np.concatenate([getattr(b, name) for b in self.blocks])
-
-    @property
-    def y(self) -> np.ndarray:
-        return self._joined("y")
-
-    @property
-    def rating(self) -> np.ndarray:
-        return self._joined("rating")
-
-    @property
-    def ext(self) -> np.ndarray:
-        return self._joined("ext")
-
-    @property
-    def ids(self) -> np.ndarray:
-        return self._joined("ids")
-
-    @property
-    def z(self) -> np.ndarray:
-        """Every row's metadata features (a copy: for inspection)."""
-        return self._joined("z")
+    # Every row's target, rating, file type, id and metadata features: the blocks' joined (a
+    # copy each time; the solver works block by block).
+    y, rating, ext, ids, z = _Joined(), _Joined(), _Joined(), _Joined(), _Joined()
 
     @property
     def s(self) -> sp.csr_matrix:
