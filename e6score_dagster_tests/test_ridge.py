@@ -174,7 +174,11 @@ def test_a_fold_taken_from_the_pool_has_the_design_of_its_own_rows(world):
             whole = pool._derived[next(iter(pool._derived))]
             views = {id(blk) for blk in whole.blocks}
             assert all(id(blk) in views for blk in b.blocks) == shared
+            # The rows themselves (a validation set's are read once for every fold).
+            for key in ("id", "y", "tags"):
+                np.testing.assert_array_equal(own.load()[key], pooled.load()[key])
     assert pool._loaded is None  # the design is streamed: the pool's rows are never loaded
+    assert ("validation rows", 0.15) in pool._derived
     with pytest.raises(ValueError, match="cannot be taken from a pool"):
         ParquetBatches(path, layout, 512, rows="holdout", pool=pool)
 
