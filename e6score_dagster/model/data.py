@@ -307,7 +307,7 @@ class ParquetBatches:
             return self._loaded
         if (pooled := self._from_pool()) is not None:
             return pooled
-        parts = list(self._row_groups(0, shuffle=False))
+        parts = list(self.chunks())
         if not parts:
             empty = pq.ParquetFile(self.path).schema_arrow.empty_table()
             parts = [_table_to_batch(empty.select(self._columns), self.layout)]
