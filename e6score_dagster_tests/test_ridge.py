@@ -323,3 +323,13 @@ def test_the_evidence_finds_tag_by_rating_effects_only_where_there_are_some(worl
                      - evaluate(CONFIG, layout, additive.params, held)["nll"])
     assert sds[0] < 0.15 and 0.3 < sds[1] < 1.0, sds
     assert gains[1] > gains[0] + 0.05, gains
+
+
+def test_a_set_without_rows_has_an_empty_design_of_the_full_width(world):
+    """No validation slice (fraction 0): the design has no rows but every column, so a fit
+    can still be given it."""
+    path, layout, data, _ = world
+    none = ParquetBatches(path, layout, 512, rows="validation", validation_fraction=0.0)
+    d, full = design_of(none, CONFIG, layout), design_of(data, CONFIG, layout)
+    assert len(d.y) == 0 and d.z.shape == (0, full.n_metadata)
+    assert d.width == full.width and d.predict(np.zeros(full.n_params, np.float32)).shape == (0,)

@@ -307,11 +307,13 @@ class ParquetBatches:
             return self._loaded
         if (pooled := self._from_pool()) is not None:
             return pooled
-        parts = list(self.chunks())
-        if not parts:
-            empty = pq.ParquetFile(self.path).schema_arrow.empty_table()
-            parts = [_table_to_batch(empty.select(self._columns), self.layout)]
+        parts = list(self.chunks()) or [self.empty()]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def empty(self) -> Batch:
+        """A batch of no rows, with the columns and shapes of this set's batches."""
+        empty = pq.ParquetFile(self.path).schema_arrow.empty_table()
+        return _table_to_batch(empty.select(self._columns), self.layout)
 
     def chunks(self) -> Iterator[Batch]:
         """The row set's rows in file order, a row group at a time (nothing kept resident)."""

@@ -23,7 +23,7 @@ import itertools
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -246,8 +246,10 @@ def _encode(
             tags, np.asarray(rows["rating"]), np.asarray(rows["t_years"]), n_dense,
             layout.n_rating,
         )
-        used = (inter_values != 0).reshape(n, -1)
-        inter = _csr([inter_rows.reshape(n, -1)[used]], [inter_values.reshape(n, -1)[used]],
+        width = 2 * tags.shape[1]  # explicit: a chunk may have no rows
+        used = (inter_values != 0).reshape(n, width)
+        inter = _csr([inter_rows.reshape(n, width)[used]],
+                     [inter_values.reshape(n, width)[used]],
                      [used.sum(axis=1)], n, interaction_rows(n_dense, layout.n_rating))
         s = sp.hstack([s, inter], format="csr")
     block = Block(
@@ -262,12 +264,12 @@ def _encode(
 
 
 def build_design(
-    chunks: Iterable[Batch],
+    data: ParquetBatches,
     config: ModelConfig,
     layout: FeatureLayout,
     split: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Design:
-    """The design of the rows in `chunks`, streamed: a chunk at a time, so the rows are never
+    """The design of `data`'s rows, streamed: a row group at a time, so the rows are never
     resident together beside it. `split` (ids -> class, e.g. fold x validation) stores each
     class's rows in a block of their own; without it, blocks follow the file."""
     n_dense = int(layout.extra.get("dense_tags", 0))
@@ -275,7 +277,7 @@ def build_design(
     parts: dict[int, list[Block]] = defaultdict(list)
     category = np.zeros(n_rows, np.int64)
     hashed_counts = np.zeros((n_rows - n_dense, CATEGORY_CODES), np.int64)
-    for i, rows in enumerate(chunks):
+    for i, rows in enumerate(data.chunks()):
         block = _encode(rows, config, layout, category, hashed_counts)
         classes = split(block.ids) if split else np.full(len(block), i // CHUNKS_PER_BLOCK)
         for k in np.unique(classes):
@@ -284,12 +286,7 @@ def build_design(
         del block
         release_memory(collect=False)  # the chunk's transients, or the heap only grows
     if not parts:  # no rows: one empty block
-        empty = {"id": np.zeros(0, np.int64), "y": np.zeros(0, np.float32),
-                 "tags": np.zeros((0, layout.max_tags), np.int32),
-                 "rating": np.zeros(0, np.int32), "ext": np.zeros(0, np.int32),
-                 "numeric": np.zeros((0, len(layout.numeric)), np.float32),
-                 "t_years": np.zeros(0, np.float32)}
-        parts[0].append(_encode(empty, config, layout, category, hashed_counts))
+        parts[0].append(_encode(data.empty(), config, layout, category, hashed_counts))
     blocks = []
     for k in sorted(parts):
         blocks.append(_stack(parts.pop(k)))
@@ -334,10 +331,10 @@ def design_of(data: ParquetBatches, config: ModelConfig, layout: FeatureLayout) 
     in blocks by `data`'s split so each fit's rows are whole blocks."""
     key = ("ridge design", config.hash_bits, config.num_probes, config.time_frequencies)
     if data.pool is None:
-        return data.derived(key, lambda: build_design(data.chunks(), config, layout))
+        return data.derived(key, lambda: build_design(data, config, layout))
     pool = data.pool
     whole = pool.derived(
-        key, lambda: build_design(pool.chunks(), config, layout, data.split_class)
+        key, lambda: build_design(pool, config, layout, data.split_class)
     )
     return data.derived(key, lambda: whole.take(data.id_mask(whole.ids)))
 
