@@ -60,7 +60,7 @@ CHUNKS_PER_BLOCK = 4  # chunks a block holds where no split decides (bounds the 
 PIECE_ROWS = 1 << 17  # rows per task of the threaded products (views of a block)
 METADATA_PRIOR = 1.0  # precision on the (standardised) metadata weights: nearly flat
 LAMBDA_RANGE = (1e-2, 1e6)  # bounds of a group's prior precision, in units of the noise
-ROUND_REDUCTION = 0.1  # each solve cuts its starting residual at least this much
+ROUND_REDUCTION = 0.03  # each solve cuts its starting residual at least this much
 MIN_ROUND_GAIN = 2e-4  # validation NLL further rounds must be expected to gain to run
 SCALE_PRIOR = 1e-4  # a whisper of L2 on the log-scale coefficients (one-hots are collinear)
 SCALE_NEWTON_STEPS = 30
@@ -373,6 +373,38 @@ class RidgeFit:
     tail_dof: float = 0.0  # the Student-t prior's degrees of freedom; 0: Gaussian
 
 
+@dataclass
+class _GramBlocks:
+    """A design's Gram diagonal with the blocks of nested columns (`_Products.gram_blocks`),
+    from which each solve's block-Jacobi preconditioner is made."""
+
+    diag: np.ndarray  # [P] every column's sum of squares
+    zz: np.ndarray  # [dz + 1, dz + 1] the metadata features' and the bias's Gram matrix
+    cols: np.ndarray  # [m, K + 2] each identity tag's own, per-rating and slope columns (tag part)
+    g: np.ndarray  # [m, K + 2, K + 2] their Gram blocks, diagonals left out
+
+    def preconditioner(self, lam: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """v -> the inverse of the blocks of (Gram + diag(lam)) applied to v (the other
+        columns: Jacobi)."""
+        dz = self.zz.shape[0] - 1
+        inv_diag = (1.0 / (self.diag + lam)).astype(np.float32)
+        z_inv = np.linalg.inv(self.zz + np.diag(lam[: dz + 1])).astype(np.float32)
+        cols = self.cols + dz + 1
+        g = self.g.copy()
+        idx = np.arange(g.shape[1])
+        g[:, idx, idx] = (self.diag + lam)[cols]
+        b_inv = np.linalg.inv(g).astype(np.float32)
+
+        def apply(v: np.ndarray) -> np.ndarray:
+            out = v * inv_diag
+            out[: dz + 1] = z_inv @ v[: dz + 1]
+            if len(cols):
+                out[cols] = np.einsum("mij,mj->mi", b_inv, v[cols])
+            return out
+
+        return apply
+
+
 PRODUCT_THREADS = 2  # SciPy's sparse products run on one core; split the rows over this many
 
 
@@ -447,15 +479,51 @@ class _Products:
         return sum(self._map(run, u_runs), np.zeros(self.n_params, np.float32))
 
     def squares(self) -> np.ndarray:
-        """The diagonal of the design's Gram matrix (each tag column's sum of squares; the
-        diagonal of the Jacobi preconditioner and of the evidence's Hessian)."""
-        out = np.zeros(self.n_params, np.float32)
-        for p in itertools.chain.from_iterable(self.runs):
-            out[: self.dz] += np.square(p.z).sum(axis=0)
-            out[self.dz + 1 :] += np.bincount(p.s.indices, np.square(p.s.data), self.n_params
-                                              - self.dz - 1)
-        out[self.dz] = self.n
-        return out
+        """The diagonal of the design's Gram matrix (each column's sum of squares)."""
+        return self.gram_blocks(np.zeros(0, np.int64)).diag
+
+    def gram_blocks(self, row_kind: np.ndarray) -> _GramBlocks:
+        """The Gram matrix's diagonal, and the blocks of it that a diagonal preconditioner
+        misses: the metadata features with the bias (dense), and each identity tag's own
+        column with its interaction columns (`row_kind`: its effect per rating and its date
+        slope, nested in its own column). One threaded pass over the rows."""
+        dz, width = self.dz, self.n_params - self.dz - 1
+        by_time = np.flatnonzero(row_kind == ROW_BY_TIME)
+        by_rating = np.flatnonzero(row_kind == ROW_BY_RATING)
+        n_dense = len(by_time)
+        n_rating = len(by_rating) // max(n_dense, 1)
+        t_base = int(by_time[0]) if n_dense else width
+
+        def run(pieces: list[Block]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            diag = np.zeros(width, np.float32)
+            zz = np.zeros((dz + 1, dz + 1))
+            # Each tag's sum of its posts' date values, by their rating: the slope columns'
+            # entries counted by the rating of their row.
+            s_tr = np.zeros(n_dense * n_rating)
+            for p in pieces:
+                _sparsetools.csc_matvec(width, len(p), p.s.indptr, p.s.indices,
+                                        np.square(p.s.data), np.ones(len(p), np.float32), diag)
+                x = np.concatenate([p.z, np.ones((len(p), 1), np.float32)], axis=1)
+                zz += x.T @ x
+                if n_dense:
+                    at = np.flatnonzero(p.s.indices >= t_base)
+                    rating = p.rating[np.searchsorted(p.s.indptr, at, side="right") - 1]
+                    s_tr += np.bincount((p.s.indices[at] - t_base) * n_rating + rating,
+                                        p.s.data[at], len(s_tr))
+            return diag, zz, s_tr
+
+        parts = self._map(run) or [run([])]
+        tag_diag, zz, s_tr = (sum(x[i] for x in parts) for i in range(3))
+        diag = np.concatenate([np.diag(zz), tag_diag]).astype(np.float32)
+        tags = np.flatnonzero(tag_diag[by_time] > 0)  # identity tags: their slope is used
+        s_tr = s_tr.reshape(n_dense, n_rating)[tags]
+        cols = np.concatenate([tags[:, None], by_rating.reshape(n_dense, n_rating)[tags],
+                               by_time[tags, None]], axis=1)
+        g = np.zeros((len(tags), n_rating + 2, n_rating + 2))
+        g[:, 0, 1:-1] = g[:, 1:-1, 0] = tag_diag[cols[:, 1:-1]]
+        g[:, 0, -1] = g[:, -1, 0] = s_tr.sum(axis=1)
+        g[:, 1:-1, -1] = g[:, -1, 1:-1] = s_tr
+        return _GramBlocks(diag, zz, cols, g)
 
     def squared_rows(self, per_column: np.ndarray) -> np.ndarray:
         """Each row's sum over its tag entries of value^2 x `per_column` (the leverage)."""
@@ -508,7 +576,8 @@ def fit_ridge(
     dz = d.n_metadata
     products = _Products(d)
     val_products = _Products(validation[0]) if validation is not None else None
-    diag = products.squares()
+    gram = products.gram_blocks(d.row_kind)
+    diag = gram.diag
     h_tags = diag[dz + 1 :]
     names = [int(g) for g in np.unique(groups) if g >= 0]
     lam_of = {g: float((prior0 or {}).get(g, INITIAL_PRECISION)) for g in names}
@@ -535,7 +604,7 @@ def fit_ridge(
             iters += 1
 
         op = LinearOperator((n, n), matvec=normal, dtype=np.float32)
-        pre = LinearOperator((n, n), matvec=lambda v, m=diag + lam: v / m, dtype=np.float32)
+        pre = LinearOperator((n, n), matvec=gram.preconditioner(lam), dtype=np.float32)
         # Each round cuts its own starting residual (the prior moved) by ROUND_REDUCTION,
         # down to `cg_tol` of the right-hand side: rounds refine one another, so no single
         # solve needs to be exact.
