@@ -37,6 +37,7 @@ def _scores(selection, layout, path) -> dict[int, dict[str, float]]:
     out = {}
     for s in score_batches(fitted, ParquetBatches(path, layout, 512, rows="all")):
         for i, mu, score in zip(s["id"], s["mu"], s["fav_score"], strict=True):
+            assert int(i) not in out  # scored once, by one fold's model
             out[int(i)] = {"mu": float(mu), "fav_score": float(score)}
     return out
 

@@ -258,21 +258,32 @@ class ParquetBatches:
                 batch = _take(batch, rng.permutation(table.num_rows))
             yield batch
 
-    def _batches(self, epoch: int) -> Iterator[Batch]:
-        carry: Batch | None = None
+    def _batches(self, epoch: int, num_folds: int = 1) -> Iterator[Batch]:
+        """Full batches of the epoch's rows, the last padded with weight-0 rows. With
+        `num_folds` > 1, one read regrouped: each batch holds one fold's rows, named by its
+        "fold" column (so each fold's model scores only its own posts, from one pass)."""
+        carry: list[Batch | None] = [None] * num_folds
         bs = self.batch_size
         for group in self._row_groups(epoch):
-            carry = _concat(carry, group)
-            n_full = len(carry["id"]) // bs
-            for i in range(n_full):
-                yield {k: v[i * bs : (i + 1) * bs] for k, v in carry.items()}
-            carry = {k: v[n_full * bs :] for k, v in carry.items()}
-        if carry is not None and len(carry["id"]):
-            n = len(carry["id"])
-            idx = np.concatenate([np.arange(n), np.zeros(bs - n, np.int64)])
-            padded = _take(carry, idx)
-            padded["weight"][n:] = 0.0
-            yield padded
+            if num_folds > 1:
+                fold = fold_of(group["id"], num_folds)
+                group["fold"] = fold.astype(np.int8)
+                parts = [_take(group, fold == k) for k in range(num_folds)]
+            else:
+                parts = [group]
+            for k, part in enumerate(parts):
+                carry[k] = _concat(carry[k], part)
+                rows = carry[k]
+                n_full = len(rows["id"]) // bs
+                for i in range(n_full):
+                    yield {key: v[i * bs : (i + 1) * bs] for key, v in rows.items()}
+                carry[k] = {key: v[n_full * bs :] for key, v in rows.items()}
+        for rows in carry:
+            if rows is not None and len(rows["id"]):
+                n = len(rows["id"])
+                padded = _take(rows, np.concatenate([np.arange(n), np.zeros(bs - n, np.int64)]))
+                padded["weight"][n:] = 0.0
+                yield padded
 
     def row_bytes(self) -> int:
         """Host bytes one row takes once loaded (model inputs, target, id, weight)."""
@@ -338,15 +349,16 @@ class ParquetBatches:
         self._loaded = None
         self._derived = {}
 
-    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
-        """Batches of one epoch, produced on a background thread while the caller computes."""
+    def epoch(self, epoch: int = 0, num_folds: int = 1) -> Iterator[Batch]:
+        """Batches of one epoch (with `num_folds` > 1: each of one fold, see `_batches`),
+        produced on a background thread while the caller computes."""
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         done = object()
 
         def produce() -> None:
             try:
-                for b in self._batches(epoch):
+                for b in self._batches(epoch, num_folds):
                     while not stop.is_set():
                         try:
                             q.put(b, timeout=0.1)

@@ -226,32 +226,35 @@ def _encode(
     ).astype(np.float32, copy=False)
     tags = np.asarray(rows["tags"])
     flat = tags.reshape(-1)
-    pos = np.flatnonzero(flat > 0)
-    r = effect_rows(flat[pos], config.hash_bits, p, n_dense)
+    pos = np.flatnonzero(flat > 0)  # the tag entries alone: about half the slots are padding
+    codes, post = flat[pos], pos // tags.shape[1]
+    r = effect_rows(codes, config.hash_bits, p, n_dense)
     dense = r[:, 0] < n_dense
-    probe_value = np.full(p, 1.0 / p, np.float32)
-    dense_value = np.zeros(p, np.float32)
-    dense_value[0] = 1.0  # a dense tag's probes all name its own row: one entry of 1
-    v = np.where(dense[:, None], dense_value, probe_value)
-    keep = v > 0
-    per_post = np.bincount(pos // tags.shape[1], keep.sum(axis=1), n)
-    s = _csr([r[keep].astype(np.int32)], [v[keep]], [per_post], n, n_rows)
-    cat = (flat[pos] % CATEGORY_CODES).astype(np.int64)
+    # Each entry's columns, in order: its P effect probes (a dense tag's all name its own
+    # row: one entry of 1, the others 0; a hashed tag's P rows at 1/P each), then its two
+    # interaction columns (`network.Interactions`: its effect for this rating, at 1, and its
+    # slope over the upload date) after the effect rows; entries of 0 are left out.
+    cols = np.empty((len(codes), p + 2), np.int32)
+    vals = np.empty((len(codes), p + 2), np.float32)
+    cols[:, :p] = r
+    vals[:, :p] = np.where(dense[:, None], np.eye(1, p, dtype=np.float32), np.float32(1.0 / p))
+    if n_dense > 0:
+        inter_rows, inter_values = interaction_terms(
+            codes[:, None], np.asarray(rows["rating"])[post],
+            np.asarray(rows["t_years"])[post], n_dense, layout.n_rating,
+        )
+        cols[:, p:] = inter_rows[:, 0] + n_rows
+        vals[:, p:] = inter_values[:, 0]
+    else:
+        vals[:, p:] = 0.0
+    keep = vals != 0
+    width = n_rows + (interaction_rows(n_dense, layout.n_rating) if n_dense > 0 else 0)
+    s = _csr([cols[keep]], [vals[keep]], [np.bincount(post, keep.sum(axis=1), n)], n, width)
+    cat = (codes % CATEGORY_CODES).astype(np.int64)
     category[r[dense, 0]] = cat[dense]
     hashed = r[~dense].astype(np.int64) - n_dense
     hashed_counts += np.bincount((hashed * CATEGORY_CODES + cat[~dense, None]).reshape(-1),
                                  minlength=hashed_counts.size).reshape(hashed_counts.shape)
-    if n_dense > 0:  # the interaction table's columns (`network.Interactions`) after them
-        inter_rows, inter_values = interaction_terms(
-            tags, np.asarray(rows["rating"]), np.asarray(rows["t_years"]), n_dense,
-            layout.n_rating,
-        )
-        width = 2 * tags.shape[1]  # explicit: a chunk may have no rows
-        used = (inter_values != 0).reshape(n, width)
-        inter = _csr([inter_rows.reshape(n, width)[used]],
-                     [inter_values.reshape(n, width)[used]],
-                     [used.sum(axis=1)], n, interaction_rows(n_dense, layout.n_rating))
-        s = sp.hstack([s, inter], format="csr")
     block = Block(
         z=z,
         s=s,

@@ -49,20 +49,20 @@ def score_batches(fitted: Fitted, data: ParquetBatches) -> Iterator[dict[str, np
         )
 
     models = [jax.device_put(p) for p in (fitted.fold_params or [fitted.params])]
-    # Each fold's posts are read apart and scored by their own model only (one forward pass
-    # per post, not one per model).
-    parts = [data] if len(models) == 1 else [data.fold(k, len(models)) for k in range(len(models))]
-    for params, part in zip(models, parts, strict=True):
-        for batch in part.epoch(0):
-            real = batch["weight"] > 0
-            fav = batch["fav_count"].astype(np.float32)
-            out = [np.asarray(o)[real] for o in predict(params, model_inputs(batch), fav)]
-            mu, sigma, expected, cdf, z = out
-            yield {
-                "id": batch["id"][real],
-                "mu": mu,
-                "sigma": sigma,
-                "expected_fav_count": np.maximum(expected, 0.0),
-                "fav_score": np.clip(cdf, 0.0, 1.0),
-                "fav_zscore": z,
-            }
+    # One read of the file, its rows regrouped into batches of one fold each: each post is
+    # scored by its own fold's model only (one forward pass per post). Reading the file once
+    # per fold took half of the scoring time.
+    for batch in data.epoch(0, num_folds=len(models)):
+        params = models[int(batch["fold"][0])] if len(models) > 1 else models[0]
+        real = batch["weight"] > 0
+        fav = batch["fav_count"].astype(np.float32)
+        out = [np.asarray(o)[real] for o in predict(params, model_inputs(batch), fav)]
+        mu, sigma, expected, cdf, z = out
+        yield {
+            "id": batch["id"][real],
+            "mu": mu,
+            "sigma": sigma,
+            "expected_fav_count": np.maximum(expected, 0.0),
+            "fav_score": np.clip(cdf, 0.0, 1.0),
+            "fav_zscore": z,
+        }
