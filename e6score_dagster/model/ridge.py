@@ -8,8 +8,9 @@ exactly instead. The prior on a tag effect is N(0, tau_g^2), with one tau per gr
 e621 category crossed with dense (own row) or hashed (long tail). Each tau is re-estimated from
 the fit (MacKay's evidence update, with the diagonal of the posterior precision): artists get a
 wide prior and general tags a narrow one *because the data says so*, in every world, with no
-tuned per-category constant. Each solve is a Jacobi-preconditioned conjugate-gradient run on
-the normal equations over a sparse design (scipy), warm-started from the previous round.
+tuned per-category constant. Each solve is a conjugate-gradient run on the normal equations
+over a sparse design (scipy), warm-started from the previous round, preconditioned by the
+inverse of the Gram matrix's blocks of nested columns (`_GramBlocks`) and its diagonal.
 
 The linear baseline is the same solve with one group for all tags (a plain ridge whose penalty
 is still chosen by the evidence, not by hand).
@@ -60,7 +61,7 @@ CHUNKS_PER_BLOCK = 4  # chunks a block holds where no split decides (bounds the 
 PIECE_ROWS = 1 << 17  # rows per task of the threaded products (views of a block)
 METADATA_PRIOR = 1.0  # precision on the (standardised) metadata weights: nearly flat
 LAMBDA_RANGE = (1e-2, 1e6)  # bounds of a group's prior precision, in units of the noise
-ROUND_REDUCTION = 0.03  # each solve cuts its starting residual at least this much
+ROUND_REDUCTION = 0.1  # each solve cuts its starting residual at least this much
 MIN_ROUND_GAIN = 2e-4  # validation NLL further rounds must be expected to gain to run
 SCALE_PRIOR = 1e-4  # a whisper of L2 on the log-scale coefficients (one-hots are collinear)
 SCALE_NEWTON_STEPS = 30
