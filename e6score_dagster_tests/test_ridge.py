@@ -222,7 +222,7 @@ def test_the_threaded_products_equal_scipys():
 
 def test_the_block_preconditioner_inverts_the_nested_blocks_of_the_gram_matrix(world):
     """Each identity tag's own column nests its per-rating columns and its date slope (the
-    Jacobi preconditioner sees them as independent: CG took 2-3 times the iterations), and
+    Jacobi preconditioner sees them as independent: CG took nearly twice the iterations), and
     the metadata one-hots nest in the bias. The blocks are read from a design built the
     product's way; they and the preconditioner must equal the Gram matrix's own."""
     import scipy.sparse as sp
