@@ -212,9 +212,9 @@ def test_the_threaded_products_equal_scipys():
     np.testing.assert_allclose(products.transposed(u), expected, rtol=1e-4, atol=2e-2)
     # Entry by entry (a row may name a column twice: the diagonal approximation's sums).
     squared = sp.csr_matrix((np.square(s.data), s.indices, s.indptr), shape=s.shape)
-    np.testing.assert_allclose(products.squares()[dz + 1 :],
-                               np.asarray(squared.sum(axis=0))[0], rtol=1e-4)
-    np.testing.assert_allclose(products.squares()[:dz], np.square(z).sum(axis=0), rtol=1e-4)
+    diag = products.gram_blocks(d.row_kind).diag
+    np.testing.assert_allclose(diag[dz + 1 :], np.asarray(squared.sum(axis=0))[0], rtol=1e-4)
+    np.testing.assert_allclose(diag[:dz], np.square(z).sum(axis=0), rtol=1e-4)
     per_column = rng.random(m).astype(np.float32)
     np.testing.assert_allclose(products.squared_rows(per_column), squared @ per_column,
                                rtol=1e-4, atol=1e-5)

@@ -199,21 +199,6 @@ class ParquetBatches:
                 keep &= (fold_of(ids, folds[1]) == folds[0]) == want
         return keep
 
-    def fold(self, k: int, num_folds: int) -> ParquetBatches:
-        """The same row set restricted to fold k of `num_folds` (read afresh)."""
-        if self.exclude_fold is not None or self.only_fold is not None:
-            raise ValueError("these rows are already restricted to folds")
-        return ParquetBatches(
-            self.path,
-            self.layout,
-            self.batch_size,
-            self.rows,
-            self.shuffle_seed,
-            self.prefetch,
-            self.validation_fraction,
-            only_fold=(k, num_folds),
-        )
-
     def num_rows(self) -> int:
         if self._num_rows is None:
             if self.pool is not None:  # counted on the pool's ids, without reading the file

@@ -482,10 +482,6 @@ class _Products:
         u_runs = [u[a:b] for a, b in itertools.pairwise(self.cuts)]
         return sum(self._map(run, u_runs), np.zeros(self.n_params, np.float32))
 
-    def squares(self) -> np.ndarray:
-        """The diagonal of the design's Gram matrix (each column's sum of squares)."""
-        return self.gram_blocks(np.zeros(0, np.int64)).diag
-
     def gram_blocks(self, row_kind: np.ndarray) -> _GramBlocks:
         """The Gram matrix's diagonal, and the blocks of it that a diagonal preconditioner
         misses: the metadata features with the bias (dense), and each identity tag's own
