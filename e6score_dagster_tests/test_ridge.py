@@ -183,11 +183,35 @@ def test_a_fold_taken_from_the_pool_has_the_design_of_its_own_rows(world):
         ParquetBatches(path, layout, 512, rows="holdout", pool=pool)
 
 
-def test_the_threaded_products_equal_scipys():
+def test_the_design_is_the_same_however_many_chunks_are_encoded_at_once(world, monkeypatch):
+    """The chunks are encoded on several threads: the blocks must still hold the rows in the
+    file's order, and every chunk's tags must count towards the rows' categories."""
+    from e6score_dagster.model import ridge
+
+    path, layout, _, _ = world
+    designs = []
+    for threads in (1, 4):
+        monkeypatch.setattr(ridge, "PRODUCT_THREADS", threads)
+        data = ParquetBatches(path, layout, 512, rows="fit")
+        designs.append(ridge.build_design(data, CONFIG, layout))
+    one, several = designs
+    assert len(one.blocks) > 1  # six row groups of 2,000 posts: several chunks
+    np.testing.assert_array_equal(one.ids, several.ids)
+    np.testing.assert_array_equal(one.ids, np.sort(one.ids))  # the file's order
+    assert (one.s != several.s).nnz == 0
+    np.testing.assert_array_equal(one.row_category, several.row_category)
+    # Artist tags are every third vocabulary index: their dense rows are tallied as artists.
+    assert (one.row_category[3:301:3] == ARTIST).all()
+
+
+def test_the_threaded_products_equal_scipys(monkeypatch):
     """The solver's products run over row pieces of the blocks, split over threads."""
     import scipy.sparse as sp
 
+    from e6score_dagster.model import ridge
     from e6score_dagster.model.ridge import Design, _Products
+
+    monkeypatch.setattr(ridge, "PRODUCT_THREADS", 2)  # one thread per core: two here
 
     rng = np.random.default_rng(0)
     n, m, dz = 300_000, 5000, 3

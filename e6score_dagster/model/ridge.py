@@ -22,9 +22,10 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
 import time
-from collections import defaultdict
-from collections.abc import Callable
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -208,13 +209,20 @@ class Design:
         return _Products(self).forward(theta)
 
 
-def _encode(
-    rows: Batch, config: ModelConfig, layout: FeatureLayout, category: np.ndarray,
-    hashed_counts: np.ndarray,
-) -> Block:
-    """A chunk of rows as a block in `LinearNet`'s parametrisation. Tallies the categories of
-    its tags: a dense row's is its tag's (`category`, set), a hashed row's the most common of
-    its entries' (`hashed_counts`, [hashed row x category], added to)."""
+@dataclass
+class _Tally:
+    """The categories of a chunk's tags, by effect row: a dense row's is its tag's (`rows`
+    get `categories`), a hashed row's the most common of its entries' (`hashed`, counts per
+    hashed row x category, added up over the chunks)."""
+
+    rows: np.ndarray
+    categories: np.ndarray
+    hashed: np.ndarray
+
+
+def _encode(rows: Batch, config: ModelConfig, layout: FeatureLayout) -> tuple[Block, _Tally]:
+    """A chunk of rows as a block in `LinearNet`'s parametrisation, with its tags' `_Tally`.
+    Pure, so chunks are encoded on several threads at once."""
     n = len(rows["y"])
     n_dense = int(layout.extra.get("dense_tags", 0))
     n_rows = n_dense + 2**config.hash_bits
@@ -252,10 +260,12 @@ def _encode(
     width = n_rows + (interaction_rows(n_dense, layout.n_rating) if n_dense > 0 else 0)
     s = _csr([cols[keep]], [vals[keep]], [np.bincount(post, keep.sum(axis=1), n)], n, width)
     cat = (codes % CATEGORY_CODES).astype(np.int64)
-    category[r[dense, 0]] = cat[dense]
     hashed = r[~dense].astype(np.int64) - n_dense
-    hashed_counts += np.bincount((hashed * CATEGORY_CODES + cat[~dense, None]).reshape(-1),
-                                 minlength=hashed_counts.size).reshape(hashed_counts.shape)
+    tally = _Tally(
+        rows=r[dense, 0], categories=cat[dense],
+        hashed=np.bincount((hashed * CATEGORY_CODES + cat[~dense, None]).reshape(-1),
+                           minlength=2**config.hash_bits * CATEGORY_CODES),
+    )
     block = Block(
         z=z,
         s=s,
@@ -264,7 +274,19 @@ def _encode(
         ext=np.asarray(rows["ext"]).astype(np.int8),
         ids=np.asarray(rows["id"], np.int64),
     )
-    return block
+    return block, tally
+
+
+def _encoded(chunks: Iterator[Batch], encode: Callable) -> Iterator[tuple[Block, _Tally]]:
+    """`encode` of each chunk, in order, PRODUCT_THREADS chunks at a time: the hashing and
+    the sorting are NumPy's and release the GIL, and the next chunk is read meanwhile."""
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(_product_pool().submit(encode, chunk))
+        if len(pending) >= PRODUCT_THREADS:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def build_design(
@@ -280,9 +302,15 @@ def build_design(
     n_rows = n_dense + 2**config.hash_bits
     parts: dict[int, list[Block]] = defaultdict(list)
     category = np.zeros(n_rows, np.int64)
-    hashed_counts = np.zeros((n_rows - n_dense, CATEGORY_CODES), np.int64)
-    for i, rows in enumerate(data.chunks()):
-        block = _encode(rows, config, layout, category, hashed_counts)
+    hashed_counts = np.zeros((n_rows - n_dense) * CATEGORY_CODES, np.int64)
+
+    def add(tally: _Tally) -> None:
+        category[tally.rows] = tally.categories
+        hashed_counts[:] += tally.hashed
+
+    encode = functools.partial(_encode, config=config, layout=layout)
+    for i, (block, tally) in enumerate(_encoded(data.chunks(), encode)):
+        add(tally)
         classes = split(block.ids) if split else np.full(len(block), i // CHUNKS_PER_BLOCK)
         for k in np.unique(classes):
             parts[int(k)].append(block if len(block) == 0 or (classes == k).all()
@@ -290,13 +318,15 @@ def build_design(
         del block
         release_memory(collect=False)  # the chunk's transients, or the heap only grows
     if not parts:  # no rows: one empty block
-        parts[0].append(_encode(data.empty(), config, layout, category, hashed_counts))
+        block, tally = encode(data.empty())
+        add(tally)
+        parts[0].append(block)
     blocks = []
     for k in sorted(parts):
         blocks.append(_stack(parts.pop(k)))
         release_memory(collect=False)
     row_category = category
-    row_category[n_dense:] = hashed_counts.argmax(axis=1)
+    row_category[n_dense:] = hashed_counts.reshape(-1, CATEGORY_CODES).argmax(axis=1)
     row_kind = np.zeros(n_rows, np.int64)
     if n_dense > 0:
         per_tag = row_category[:n_dense]
@@ -409,7 +439,9 @@ class _GramBlocks:
         return apply
 
 
-PRODUCT_THREADS = 2  # SciPy's sparse products run on one core; split the rows over this many
+# SciPy's sparse products run on one core: split the rows over one thread per core (up to 16:
+# each thread adds into its own parameter-sized vector).
+PRODUCT_THREADS = max(1, min(os.cpu_count() or 1, 16))
 
 
 @functools.cache
