@@ -139,6 +139,29 @@ def test_a_warm_start_from_another_fold_lands_on_the_same_fit(world):
     assert warm.steps < cold.steps
 
 
+def test_on_an_accelerator_the_fit_is_the_one_on_the_cpu(world, monkeypatch):
+    """Where JAX has an accelerator the solves' products run there (`sparse_ops`, resident
+    design); run here through XLA on the CPU, the same code must give the same fit."""
+    from e6score_dagster.model import sparse_ops
+    from e6score_dagster.model.ridge import fit_ridge
+
+    _, layout, data, val = world
+    d = design_of(data, CONFIG, layout)
+    groups = tag_groups(d, by_category=True)
+
+    def one_solve():
+        return fit_ridge(d, d.y, groups, rounds=1, tail_dof=0.0, log=_quiet).theta
+
+    cpu, cpu_solve = train_ridge(CONFIG, layout, data, val, log=_quiet), one_solve()
+    monkeypatch.setattr(sparse_ops, "on_accelerator", lambda: True)
+    device, device_solve = train_ridge(CONFIG, layout, data, val, log=_quiet), one_solve()
+    np.testing.assert_allclose(device_solve, cpu_solve, atol=1e-3)
+    # Float sums in another order may tip a stopping rule by a round, no more.
+    assert abs(len(device.validation) - len(cpu.validation)) <= 1
+    best = [min(v["nll"] for v in fit.validation) for fit in (device, cpu)]
+    assert best[0] == pytest.approx(best[1], abs=5e-4)
+
+
 def test_the_scale_follows_the_noise_of_each_rating(world):
     path, layout, data, val = world
     result = train_ridge(CONFIG, layout, data, val, log=_quiet)
@@ -209,7 +232,7 @@ def test_the_threaded_products_equal_scipys(monkeypatch):
     import scipy.sparse as sp
 
     from e6score_dagster.model import ridge
-    from e6score_dagster.model.ridge import Design, _Products
+    from e6score_dagster.model.ridge import Design, _DeviceProducts, _Products
 
     monkeypatch.setattr(ridge, "PRODUCT_THREADS", 2)  # one thread per core: two here
 
@@ -242,6 +265,14 @@ def test_the_threaded_products_equal_scipys(monkeypatch):
     per_column = rng.random(m).astype(np.float32)
     np.testing.assert_allclose(products.squared_rows(per_column), squared @ per_column,
                                rtol=1e-4, atol=1e-5)
+    # The accelerator's products (here through XLA on the CPU) are the same products.
+    device = _DeviceProducts(d)
+    np.testing.assert_allclose(device.forward(theta), products.forward(theta),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(device.transposed(u), expected, rtol=1e-4, atol=2e-2)
+    gram = products.normal(theta)
+    np.testing.assert_allclose(device.normal(theta), gram, rtol=1e-4,
+                               atol=1e-5 * np.abs(gram).max())
 
 
 def test_the_block_preconditioner_inverts_the_nested_blocks_of_the_gram_matrix(world):

@@ -29,12 +29,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse import _sparsetools
 from scipy.sparse.linalg import LinearOperator, cg
 
 from e6score_dagster.memory import release_memory
+from e6score_dagster.model import sparse_ops
 from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches
 from e6score_dagster.model.network import (
@@ -557,6 +560,10 @@ class _Products:
         g[:, 1:-1, -1] = g[:, -1, 1:-1] = s_tr
         return _GramBlocks(diag, zz, cols, g)
 
+    def normal(self, theta: np.ndarray) -> np.ndarray:
+        """X.T @ (X @ theta), X the whole design (metadata, bias, tags)."""
+        return self.transposed(self.forward(theta))
+
     def squared_rows(self, per_column: np.ndarray) -> np.ndarray:
         """Each row's sum over its tag entries of value^2 x `per_column` (the leverage)."""
         per_column = np.asarray(per_column, np.float32)
@@ -567,6 +574,41 @@ class _Products:
                                     per_column, y)
             out.append(y)
         return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+class _DeviceProducts(_Products):
+    """The same products with the design resident on an accelerator (`sparse_ops`): only
+    parameter- and row-sized vectors cross to the host. The once-a-fit sums (the Gram blocks,
+    the leverage) stay on the host's threads."""
+
+    def __init__(self, d: Design) -> None:
+        super().__init__(d)
+        rows, at = [], 0
+        for b in d.blocks:
+            rows.append(sparse_ops.entry_rows(b.s.indptr) + at)
+            at += len(b)
+        self.arrays = jax.device_put((
+            d.z,
+            np.concatenate(rows),
+            np.concatenate([b.s.indices for b in d.blocks]).astype(np.int32, copy=False),
+            np.concatenate([b.s.data for b in d.blocks]),
+        ))
+
+    def forward(self, theta: np.ndarray) -> np.ndarray:
+        return np.asarray(sparse_ops.forward(*self.arrays, jnp.asarray(theta, jnp.float32)))
+
+    def transposed(self, u: np.ndarray) -> np.ndarray:
+        u = jnp.asarray(u, jnp.float32)
+        return np.asarray(sparse_ops.transposed(*self.arrays, u, n_params=self.n_params))
+
+    def normal(self, theta: np.ndarray) -> np.ndarray:
+        return np.asarray(sparse_ops.normal(*self.arrays, jnp.asarray(theta, jnp.float32)))
+
+
+def products_of(d: Design) -> _Products:
+    """A design's products where they run fastest: resident on the accelerator when JAX has
+    one, else SciPy's kernels on the CPU's cores."""
+    return _DeviceProducts(d) if sparse_ops.on_accelerator() and d.nnz else _Products(d)
 
 
 def remaining_gain(nlls: list[float]) -> float:
@@ -606,8 +648,8 @@ def fit_ridge(
     of an earlier fit)."""
     t0 = time.perf_counter()
     dz = d.n_metadata
-    products = _Products(d)
-    val_products = _Products(validation[0]) if validation is not None else None
+    products = products_of(d)
+    val_products = products_of(validation[0]) if validation is not None else None
     gram = products.gram_blocks(d.row_kind)
     diag = gram.diag
     h_tags = diag[dz + 1 :]
@@ -627,7 +669,7 @@ def fit_ridge(
     def solve(lam: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, dict]:
         """One warm-started CG solve under prior precisions `lam`, and how it scores."""
         def normal(v: np.ndarray) -> np.ndarray:
-            return products.transposed(products.forward(v)) + lam * v
+            return products.normal(v) + lam * v
 
         iters = 0
 
