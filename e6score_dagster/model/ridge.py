@@ -420,26 +420,38 @@ class _GramBlocks:
     cols: np.ndarray  # [m, K + 2] each identity tag's own, per-rating and slope columns (tag part)
     g: np.ndarray  # [m, K + 2, K + 2] their Gram blocks, diagonals left out
 
-    def preconditioner(self, lam: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-        """v -> the inverse of the blocks of (Gram + diag(lam)) applied to v (the other
-        columns: Jacobi)."""
+    def preconditioner(self, lam: np.ndarray) -> _BlockInverse:
+        """The inverse of the blocks of (Gram + diag(lam)); the other columns: Jacobi."""
         dz = self.zz.shape[0] - 1
-        inv_diag = (1.0 / (self.diag + lam)).astype(np.float32)
-        z_inv = np.linalg.inv(self.zz + np.diag(lam[: dz + 1])).astype(np.float32)
         cols = self.cols + dz + 1
         g = self.g.copy()
         idx = np.arange(g.shape[1])
         g[:, idx, idx] = (self.diag + lam)[cols]
-        b_inv = np.linalg.inv(g).astype(np.float32)
+        return _BlockInverse(
+            inv_diag=(1.0 / (self.diag + lam)).astype(np.float32),
+            z_inv=np.linalg.inv(self.zz + np.diag(lam[: dz + 1])).astype(np.float32),
+            cols=cols.astype(np.int32),
+            b_inv=np.linalg.inv(g).astype(np.float32),
+        )
 
-        def apply(v: np.ndarray) -> np.ndarray:
-            out = v * inv_diag
-            out[: dz + 1] = z_inv @ v[: dz + 1]
-            if len(cols):
-                out[cols] = np.einsum("mij,mj->mi", b_inv, v[cols])
-            return out
 
-        return apply
+@dataclass
+class _BlockInverse:
+    """A block-Jacobi preconditioner: v -> its inverse blocks applied to v (NumPy here; the
+    accelerator's solve applies the same arrays in `sparse_ops.pcg`)."""
+
+    inv_diag: np.ndarray  # [P] 1 / (Gram diagonal + lam)
+    z_inv: np.ndarray  # [dz + 1, dz + 1] the metadata-and-bias block's inverse
+    cols: np.ndarray  # [m, K + 2] each identity tag's nested columns (in theta)
+    b_inv: np.ndarray  # [m, K + 2, K + 2] their block's inverse
+
+    def __call__(self, v: np.ndarray) -> np.ndarray:
+        out = v * self.inv_diag
+        k = self.z_inv.shape[0]
+        out[:k] = self.z_inv @ v[:k]
+        if len(self.cols):
+            out[self.cols] = np.einsum("mij,mj->mi", self.b_inv, v[self.cols])
+        return out
 
 
 # SciPy's sparse products run on one core: split the rows over one thread per core (up to 16:
@@ -564,6 +576,22 @@ class _Products:
         """X.T @ (X @ theta), X the whole design (metadata, bias, tags)."""
         return self.transposed(self.forward(theta))
 
+    def solve(self, lam: np.ndarray, rhs: np.ndarray, theta: np.ndarray, pre: _BlockInverse,
+              atol: float, maxiter: int) -> tuple[np.ndarray, int]:
+        """(X.T X + diag(lam)) theta = rhs by preconditioned CG from `theta`, until the
+        residual's norm is at most `atol`: the solution and the iterations taken."""
+        n = self.n_params
+        iters = 0
+
+        def count(_):
+            nonlocal iters
+            iters += 1
+
+        op = LinearOperator((n, n), matvec=lambda v: self.normal(v) + lam * v, dtype=np.float32)
+        theta, _ = cg(op, rhs, x0=theta, M=LinearOperator((n, n), matvec=pre, dtype=np.float32),
+                      rtol=0.0, atol=atol, maxiter=maxiter, callback=count)
+        return theta.astype(np.float32), iters
+
     def squared_rows(self, per_column: np.ndarray) -> np.ndarray:
         """Each row's sum over its tag entries of value^2 x `per_column` (the leverage)."""
         per_column = np.asarray(per_column, np.float32)
@@ -577,32 +605,38 @@ class _Products:
 
 
 class _DeviceProducts(_Products):
-    """The same products with the design resident on an accelerator (`sparse_ops`): only
-    parameter- and row-sized vectors cross to the host. The once-a-fit sums (the Gram blocks,
-    the leverage) stay on the host's threads."""
+    """The same products and solves with the design resident on an accelerator
+    (`sparse_ops`): only parameter- and row-sized vectors cross to the host. The once-a-fit
+    sums (the Gram blocks, the leverage) stay on the host's threads."""
 
     def __init__(self, d: Design) -> None:
         super().__init__(d)
-        rows, at = [], 0
-        for b in d.blocks:
-            rows.append(sparse_ops.entry_rows(b.s.indptr) + at)
-            at += len(b)
-        self.arrays = jax.device_put((
-            d.z,
-            np.concatenate(rows),
-            np.concatenate([b.s.indices for b in d.blocks]).astype(np.int32, copy=False),
-            np.concatenate([b.s.data for b in d.blocks]),
-        ))
+        self.arrays = sparse_ops.resident(
+            d.z, *([getattr(b.s, k) for b in d.blocks] for k in ("indptr", "indices", "data"))
+        )
+
+    def _rows(self, u: np.ndarray) -> jax.Array:
+        """A per-row vector padded to the resident rows."""
+        return jnp.zeros(self.arrays[0].shape[0], jnp.float32).at[: self.n].set(u)
 
     def forward(self, theta: np.ndarray) -> np.ndarray:
-        return np.asarray(sparse_ops.forward(*self.arrays, jnp.asarray(theta, jnp.float32)))
+        out = sparse_ops.forward(*self.arrays, jnp.asarray(theta, jnp.float32))
+        return np.asarray(out[: self.n])
 
     def transposed(self, u: np.ndarray) -> np.ndarray:
-        u = jnp.asarray(u, jnp.float32)
-        return np.asarray(sparse_ops.transposed(*self.arrays, u, n_params=self.n_params))
+        out = sparse_ops.transposed(*self.arrays, self._rows(u), n_params=self.n_params)
+        return np.asarray(out)
 
     def normal(self, theta: np.ndarray) -> np.ndarray:
         return np.asarray(sparse_ops.normal(*self.arrays, jnp.asarray(theta, jnp.float32)))
+
+    def solve(self, lam: np.ndarray, rhs: np.ndarray, theta: np.ndarray, pre: _BlockInverse,
+              atol: float, maxiter: int) -> tuple[np.ndarray, int]:
+        x, iters = sparse_ops.pcg(
+            self.arrays, lam, rhs, np.asarray(theta, np.float32), pre.inv_diag, pre.z_inv,
+            pre.cols, pre.b_inv, np.float32(atol), maxiter=maxiter,
+        )
+        return np.asarray(x), int(iters)
 
 
 def products_of(d: Design) -> _Products:
@@ -668,25 +702,12 @@ def fit_ridge(
 
     def solve(lam: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, dict]:
         """One warm-started CG solve under prior precisions `lam`, and how it scores."""
-        def normal(v: np.ndarray) -> np.ndarray:
-            return products.normal(v) + lam * v
-
-        iters = 0
-
-        def count(_):
-            nonlocal iters
-            iters += 1
-
-        op = LinearOperator((n, n), matvec=normal, dtype=np.float32)
-        pre = LinearOperator((n, n), matvec=gram.preconditioner(lam), dtype=np.float32)
         # Each round cuts its own starting residual (the prior moved) by ROUND_REDUCTION,
         # down to `cg_tol` of the right-hand side: rounds refine one another, so no single
         # solve needs to be exact.
-        start = float(np.linalg.norm(rhs - normal(theta)))
+        start = float(np.linalg.norm(rhs - products.normal(theta) - lam * theta))
         atol = max(cg_tol * float(np.linalg.norm(rhs)), ROUND_REDUCTION * start)
-        theta, _ = cg(op, rhs, x0=theta, M=pre, rtol=0.0, atol=atol, maxiter=cg_iters,
-                      callback=count)
-        theta = theta.astype(np.float32)
+        theta, iters = products.solve(lam, rhs, theta, gram.preconditioner(lam), atol, cg_iters)
         noise = float(np.mean(np.square(y - products.forward(theta))))
         entry = {"round": len(history) + 1, "cg_iterations": iters,
                  "train_rmse": math.sqrt(noise), "noise": noise}
