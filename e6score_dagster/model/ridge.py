@@ -634,7 +634,8 @@ class _DeviceProducts(_Products):
               atol: float, maxiter: int) -> tuple[np.ndarray, int]:
         x, iters = sparse_ops.pcg(
             self.arrays, lam, rhs, np.asarray(theta, np.float32), pre.inv_diag, pre.z_inv,
-            pre.cols, pre.b_inv, np.float32(atol), maxiter=maxiter,
+            *sparse_ops.padded_blocks(pre.cols, pre.b_inv, self.n_params), np.float32(atol),
+            maxiter=maxiter,
         )
         return np.asarray(x), int(iters)
 

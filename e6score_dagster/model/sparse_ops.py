@@ -77,11 +77,21 @@ def normal(z, live, rows, cols, vals, theta):
                        n_params=theta.shape[0])
 
 
+def padded_blocks(cols: np.ndarray, inverse: np.ndarray, n_params: int) -> tuple:
+    """A preconditioner's blocks padded to a `bucket` count (each fold's fit has a few more or
+    fewer identity tags than another: one compiled solve for all): columns past the end."""
+    m = len(cols)
+    pad = bucket(m) - m
+    return (np.concatenate([cols, np.full((pad, cols.shape[1]), n_params, cols.dtype)]),
+            np.concatenate([inverse, np.zeros((pad, *inverse.shape[1:]), inverse.dtype)]))
+
+
 @functools.partial(jax.jit, static_argnames="maxiter")
 def pcg(arrays, lam, rhs, x0, inv_diag, z_inv, block_cols, block_inv, atol, maxiter: int):
     """(X.T X + diag(lam)) x = rhs by conjugate gradients from x0, preconditioned by blocks
     (`ridge._BlockInverse`'s arrays), until the residual's norm is at most `atol` or after
-    `maxiter` iterations: (x, iterations). SciPy's `cg` on the host does the same there."""
+    `maxiter` iterations: (x, iterations). SciPy's `cg` on the host does the same there.
+    Blocks may be padded (`padded_blocks`)."""
     k = z_inv.shape[0]
 
     def a(v):
@@ -89,8 +99,10 @@ def pcg(arrays, lam, rhs, x0, inv_diag, z_inv, block_cols, block_inv, atol, maxi
 
     def m(v):
         out = (v * inv_diag).at[:k].set(jnp.dot(z_inv, v[:k], precision=FULL))
-        blocks = jnp.einsum("mij,mj->mi", block_inv, v[block_cols], precision=FULL)
-        return out.at[block_cols].set(blocks)
+        # Padded blocks name no column (an index past the end): read as 0, written nowhere.
+        picked = v.at[block_cols].get(mode="fill", fill_value=0.0)
+        blocks = jnp.einsum("mij,mj->mi", block_inv, picked, precision=FULL)
+        return out.at[block_cols].set(blocks, mode="drop")
 
     def going(state):
         _, r, _, _, i = state
