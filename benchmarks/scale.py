@@ -31,6 +31,7 @@ from e2e import DATE, HERE, WORK, ensure_dump, time_v  # noqa: E402
 from e6score_dagster.csv_read import read_csv_sql, read_header  # noqa: E402
 from e6score_dagster.definitions import PIPELINE  # noqa: E402
 from e6score_dagster.resources import duckdb_resource  # noqa: E402
+from e6score_dagster.stage import REUSED  # noqa: E402
 
 RESULTS_JSON = HERE / "scale.json"
 RESULTS_MD = HERE / "SCALE.md"
@@ -371,13 +372,18 @@ def write_md(runs: list[dict]) -> None:
 
 def remeasure(record: dict, names: list[str]) -> dict:
     """Re-runs `names` (after a change to their code) in the finished run of `record`, with
-    the bare scan again, and updates the record's figures."""
+    the bare scan again, and updates the record's figures; stops, recording nothing, where a
+    step reused its output (nothing was rebuilt to time)."""
     home = WORK / f"scale-{record['posts']}-s{record['seed']}"
     source = Path(record["source"])
     env = run_env(home, source)
     record["bare_scan_s"] = round(scan_seconds(source), 2)
     for name in names:
         step = run_step(name, env, home)
+        if REUSED in (home / f"{name}.log").read_text(errors="replace"):
+            raise SystemExit(f"{name} was reused, not rebuilt: its code and inputs are "
+                             "unchanged, so there is nothing to re-measure (results left as they "
+                             "were)")
         record["steps"][name] = {**step, "remeasured": time.strftime("%Y-%m-%d %H:%M")}
         print(f"{record['label']}: {name} {record['steps'][name]}", flush=True)
     record.update(chain_totals(record["steps"]))

@@ -46,6 +46,7 @@ from e6score_dagster.store import (
 )
 
 STAGED_SUFFIX = "__staged"
+REUSED = "is published and intact: reused"  # the log line's end when a step reuses its output
 
 
 def staged_table(table: str) -> str:
@@ -139,7 +140,7 @@ class Stage:
     def reused_result(self, **metadata: Any) -> dg.MaterializeResult:
         """Nothing to build: report the published build (its tables' shapes and lineage)."""
         assert self.reuse is not None
-        self.context.log.info(f"{self.asset} {self.version} is published and intact: reused")
+        self.context.log.info(f"{self.asset} {self.version} {REUSED}")
         return dg.MaterializeResult(
             data_version=dg.DataVersion(self.reuse.version),
             metadata={
