@@ -142,7 +142,7 @@ def test_a_warm_start_from_another_fold_lands_on_the_same_fit(world):
 def test_on_an_accelerator_the_fit_is_the_one_on_the_cpu(world, monkeypatch):
     """Where JAX has an accelerator the solves' products run there (`sparse_ops`, resident
     design); run here through XLA on the CPU, the same code must give the same fit."""
-    from e6score_dagster.model import sparse_ops
+    from e6score_dagster.model import ridge, sparse_ops
     from e6score_dagster.model.ridge import fit_ridge
 
     _, layout, data, val = world
@@ -159,10 +159,29 @@ def test_on_an_accelerator_the_fit_is_the_one_on_the_cpu(world, monkeypatch):
     monkeypatch.setattr(sparse_ops, "bucket", lambda size: size + 3)
     device, device_solve = train_ridge(CONFIG, layout, data, val, log=_quiet), one_solve()
     np.testing.assert_allclose(device_solve, cpu_solve, atol=1e-3)
+    assert type(ridge.products_of(d)) is ridge._DeviceProducts
+    # A design too large for the accelerator's free memory stays with the CPU's kernels.
+    monkeypatch.setattr(sparse_ops, "fits_on_device", lambda n_bytes: False)
+    assert type(ridge.products_of(d)) is ridge._Products
     # Float sums in another order may tip a stopping rule by a round, no more.
     assert abs(len(device.validation) - len(cpu.validation)) <= 1
     best = [min(v["nll"] for v in fit.validation) for fit in (device, cpu)]
     assert best[0] == pytest.approx(best[1], abs=5e-4)
+
+
+def test_a_design_is_put_on_the_accelerator_only_where_half_its_free_memory_holds_it(
+    monkeypatch,
+):
+    from e6score_dagster.model import sparse_ops
+
+    class Device:  # what JAX reports of a GPU with 800 bytes free
+        def memory_stats(self) -> dict:
+            return {"bytes_limit": 1000, "bytes_in_use": 200}
+
+    monkeypatch.setattr(sparse_ops.jax, "devices", lambda: [Device()])
+    assert sparse_ops.fits_on_device(400) and not sparse_ops.fits_on_device(401)
+    # The padded size: 4 bytes a value, the rows' metadata and mask, three arrays of entries.
+    assert sparse_ops.resident_bytes(100, 5, 1000) == 4 * (100 * 6 + 3 * 1008)
 
 
 def test_the_scale_follows_the_noise_of_each_rating(world):

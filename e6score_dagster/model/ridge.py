@@ -642,8 +642,12 @@ class _DeviceProducts(_Products):
 
 def products_of(d: Design) -> _Products:
     """A design's products where they run fastest: resident on the accelerator when JAX has
-    one, else SciPy's kernels on the CPU's cores."""
-    return _DeviceProducts(d) if sparse_ops.on_accelerator() and d.nnz else _Products(d)
+    one and the design fits in its memory (a small GPU at 6M posts may not), else SciPy's
+    kernels on the CPU's cores."""
+    size = sparse_ops.resident_bytes(sum(len(b) for b in d.blocks), d.n_metadata, d.nnz)
+    if sparse_ops.on_accelerator() and d.nnz and sparse_ops.fits_on_device(size):
+        return _DeviceProducts(d)
+    return _Products(d)
 
 
 def remaining_gain(nlls: list[float]) -> float:

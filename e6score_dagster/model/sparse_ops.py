@@ -123,6 +123,20 @@ def pcg(arrays, lam, rhs, x0, inv_diag, z_inv, block_cols, block_inv, atol, maxi
     return x, i
 
 
+def resident_bytes(rows: int, metadata: int, entries: int) -> int:
+    """What `resident` puts on the device for a design of that size, padding included."""
+    return 4 * (bucket(rows) * (metadata + 1) + 3 * bucket(entries))
+
+
+def fits_on_device(n_bytes: int) -> bool:
+    """Whether `n_bytes` more take at most half of the accelerator's free memory (the deep
+    stage and the solve's vectors need the rest); True where JAX does not say."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return True
+    return n_bytes <= (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) / 2
+
+
 @functools.cache
 def on_accelerator() -> bool:
     """Whether JAX computes on something other than the CPU."""
