@@ -62,6 +62,7 @@ from e6score_dagster.schema import TAG_CATEGORIES
 
 ENCODE_CHUNK = 65536  # posts per chunk when hashing tag codes into effect rows
 CHUNKS_PER_BLOCK = 4  # chunks a block holds where no split decides (bounds the build's copy)
+ENCODE_AHEAD = 4  # chunks encoded at once at most (bounds the build's transients)
 PIECE_ROWS = 1 << 17  # rows per task of the threaded products (views of a block)
 METADATA_PRIOR = 1.0  # precision on the (standardised) metadata weights: nearly flat
 LAMBDA_RANGE = (1e-2, 1e6)  # bounds of a group's prior precision, in units of the noise
@@ -281,12 +282,13 @@ def _encode(rows: Batch, config: ModelConfig, layout: FeatureLayout) -> tuple[Bl
 
 
 def _encoded(chunks: Iterator[Batch], encode: Callable) -> Iterator[tuple[Block, _Tally]]:
-    """`encode` of each chunk, in order, PRODUCT_THREADS chunks at a time: the hashing and
-    the sorting are NumPy's and release the GIL, and the next chunk is read meanwhile."""
+    """`encode` of each chunk, in order, several chunks at a time (one per core, at most
+    ENCODE_AHEAD: each holds about 200 MB of transients): the hashing and the sorting are
+    NumPy's and release the GIL, and the next chunk is read meanwhile."""
     pending: deque = deque()
     for chunk in chunks:
         pending.append(_product_pool().submit(encode, chunk))
-        if len(pending) >= PRODUCT_THREADS:
+        if len(pending) >= min(PRODUCT_THREADS, ENCODE_AHEAD):
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
