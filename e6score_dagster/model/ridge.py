@@ -283,7 +283,7 @@ def _encode(rows: Batch, config: ModelConfig, layout: FeatureLayout) -> tuple[Bl
 
 def _encoded(chunks: Iterator[Batch], encode: Callable) -> Iterator[tuple[Block, _Tally]]:
     """`encode` of each chunk, in order, several chunks at a time (one per core, at most
-    ENCODE_AHEAD: each holds about 200 MB of transients): the hashing and the sorting are
+    ENCODE_AHEAD: each holds about 250 MB of transients): the hashing and the sorting are
     NumPy's and release the GIL, and the next chunk is read meanwhile."""
     pending: deque = deque()
     for chunk in chunks:
