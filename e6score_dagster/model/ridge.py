@@ -646,10 +646,10 @@ def products_of(d: Design) -> _Products:
     """A design's products where they run fastest: resident on the accelerator when JAX has
     one and the design fits in its memory (a small GPU at 6M posts may not), else SciPy's
     kernels on the CPU's cores."""
+    if not (sparse_ops.on_accelerator() and d.nnz):
+        return _Products(d)
     size = sparse_ops.resident_bytes(sum(len(b) for b in d.blocks), d.n_metadata, d.nnz)
-    if sparse_ops.on_accelerator() and d.nnz and sparse_ops.fits_on_device(size):
-        return _DeviceProducts(d)
-    return _Products(d)
+    return _DeviceProducts(d) if sparse_ops.fits_on_device(size) else _Products(d)
 
 
 def remaining_gain(nlls: list[float]) -> float:
