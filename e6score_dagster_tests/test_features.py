@@ -86,6 +86,22 @@ def test_feature_matrix_rows_tags_and_flags(built):
     assert m.loc[6, "y"] == pytest.approx(13.8155, abs=1e-3)
 
 
+def test_tag_slots_put_identity_tags_then_frequent_ones_first(built):
+    conn, m = built
+    name_of = dict(conn.execute("SELECT tag_index, name FROM tag_vocabulary").fetchall())
+    slots = [name_of[c // CATEGORY_CODES] for c in m.loc[2, "tags"][1:] if c]
+    # Non-general first (artist and species tie on frequency: then by index; the unknown
+    # category counts as non-general), each group by frequency; then the general tags.
+    assert slots == ["someartist", "wolf", "rare_tag", "solo"]
+    # Post 5's 120 general tags: 63 slots after the uploader, the most frequent kept.
+    kept = [name_of[c // CATEGORY_CODES] for c in m.loc[5, "tags"][1:]]
+    assert len(kept) == 63 and set(kept) <= {f"t{i:02d}" for i in range(60)} | {
+        f"u{i:02d}" for i in range(60)}
+    assert m.loc[5, "log_tag_count"] == pytest.approx(math.log(121), abs=1e-5)
+    assert m.loc[4, "log_tag_count"] == 0.0
+    assert m.loc[2, "log_tag_count"] == pytest.approx(math.log(5), abs=1e-5)
+
+
 def test_holdout_depends_on_id_only(built):
     conn, m = built
     ids = list(range(1, 20001))
