@@ -12,6 +12,7 @@ import pytest
 
 from e6score_dagster.model import ModelConfig, ParquetBatches, score_batches
 from e6score_dagster.model.data import fold_of
+from e6score_dagster.model.metrics import predictive_metrics
 from e6score_dagster.model.params import Fitted
 from e6score_dagster.model.select import (
     CURRENT_TOLERANCE,
@@ -21,6 +22,7 @@ from e6score_dagster.model.select import (
     select_and_crossfit,
 )
 from e6score_dagster.model.stability import rank_stability
+from e6score_dagster.model.train import predict
 from e6score_dagster_tests.test_model import make_matrix
 
 CONFIG = ModelConfig(batch_size=128, hash_bits=10, embed_dim=8, mlp_widths=(16,),
@@ -64,6 +66,12 @@ def test_the_best_candidate_on_validation_is_chosen_and_every_post_scored(additi
     deep = selection.candidates["deep"]
     assert deep.base == min(("linear", "additive"), key=lambda n: val[n])
     assert deep.curve[0][0] == 0 and "deep" in selection.curves()
+    # Its reported hold-out metrics are its own params' (taken from its base when it kept
+    # its starting point, which predicts what the base does).
+    held_out = ParquetBatches(path, layout, 512, rows="holdout")
+    own = predictive_metrics(*predict(deep.config, layout, deep.params, held_out))
+    assert own["nll"] == pytest.approx(deep.holdout["nll"], abs=2e-4)
+    assert own["spearman"] == pytest.approx(deep.holdout["spearman"], abs=2e-3)
     assert len(selection.fold_params) == selection.num_folds == 3
     # The exact fits name their prior: the linear baseline's is always Gaussian.
     table_rows = selection.candidate_table()

@@ -278,12 +278,18 @@ def select_and_crossfit(
         params, result = _fit(name, config, layout, data, validation, log, base, warm)
         cfg = candidate_config(config, name)
         params_of[name] = params
+        if base_name and result is not None and result.best_step == 0:
+            # The deep stage kept its start, which predicts what its base does (`warm_start`).
+            scored = fits[base_name].validation, fits[base_name].holdout
+        else:
+            scored = (_metrics(cfg, layout, params, validation),
+                      _metrics(cfg, layout, params, held_out))
         fits[name] = CandidateFit(
             name=name,
             config=cfg,
             params=params,
-            validation=_metrics(cfg, layout, params, validation),
-            holdout=_metrics(cfg, layout, params, held_out),
+            validation=scored[0],
+            holdout=scored[1],
             curve=[(v["step"], v["nll"]) for v in result.validation] if result else [],
             best_step=result.best_step if result else 0,
             steps=result.steps if result else 0,

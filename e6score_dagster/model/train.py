@@ -395,7 +395,7 @@ def train(
     total = epochs * steps_per_epoch
     tx = _optimizer(config, total, frozen)
     params = init_params(config, layout) if init is None else init
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)  # one program, not one compile per state leaf
     run = _chunk_runner(model, tx, jax.random.PRNGKey(config.seed + 1))
     # Scored a few times per epoch, but not so often that a tiny slice's noise stops the run;
     # chunks end on scoring steps.
@@ -421,9 +421,11 @@ def train(
     history: list[dict] = []
     val_curve: list[dict] = []
     best = (math.inf, 0, None)  # (nll, step, params)
+    best_scored = None  # the validation slice's (y, mu, sigma) under the best params
     stale = 0
     if has_val and init is not None:
-        nll = _calibrated_nll(*_predict_rows(fwd, params, val_rows))
+        best_scored = _predict_rows(fwd, params, val_rows)
+        nll = _calibrated_nll(*best_scored)
         val_curve.append({"step": 0, "nll": nll})
         best = (nll, 0, jax.device_get(params))
     t_start = time.perf_counter()
@@ -480,11 +482,13 @@ def train(
                 t_log = now
             if has_val and (global_step % eval_every == 0 or global_step == total):
                 t_eval = time.perf_counter()
-                nll = _calibrated_nll(*_predict_rows(fwd, params, val_rows))
+                scored = _predict_rows(fwd, params, val_rows)
+                nll = _calibrated_nll(*scored)
                 eval_seconds += time.perf_counter() - t_eval
                 val_curve.append({"step": global_step, "nll": nll})
                 if nll < best[0]:
                     best, stale = (nll, global_step, jax.device_get(params)), 0
+                    best_scored = scored
                 else:
                     stale += 1
                 if stale >= config.patience:
@@ -503,7 +507,9 @@ def train(
     factor = 1.0
     if has_val:
         final = jax.tree_util.tree_map(np.array, final)  # a writable copy
-        factor = calibrate_scale(final, *_predict_rows(fwd, final, val_rows))
+        if best[2] is None or best_scored is None:
+            best_scored = _predict_rows(fwd, final, val_rows)
+        factor = calibrate_scale(final, *best_scored)  # scored when it was the best
         log(f"best validation NLL {best[0]:.4f} at step {best[1]}; sigma x {factor:.3f}")
     return TrainResult(
         params=final,
