@@ -4,6 +4,7 @@ params, and the evidence gives each tag category the prior its effects call for.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -449,3 +450,45 @@ def test_a_set_without_rows_has_an_empty_design_of_the_full_width(world):
     d, full = design_of(none, CONFIG, layout), design_of(data, CONFIG, layout)
     assert len(d.y) == 0 and d.z.shape == (0, full.n_metadata)
     assert d.width == full.width and d.predict(np.zeros(full.n_params, np.float32)).shape == (0,)
+
+
+def test_extrapolated_evidence_rounds_get_closer_to_the_fixed_point(monkeypatch):
+    """Two groups of tags, effects of sd 1 and 0.05: MacKay's update creeps towards the
+    prior precisions it would settle on; extrapolating each group's steps gets nearer in the
+    same number of rounds, and lands on the same fixed point."""
+    from e6score_dagster.model import ridge
+    from e6score_dagster.model.ridge import fit_ridge
+
+    rng = np.random.default_rng(9)
+    m = 2000
+    groups = (np.arange(m) % 2).astype(np.int64)
+    effects = np.where(groups == 0, rng.normal(0, 1.0, m), rng.normal(0, 0.05, m))
+    d, y = _sparse_world(effects.astype(np.float32), 6000, 4)
+
+    def log_prior(rounds: int, ratio: float) -> np.ndarray:
+        monkeypatch.setattr(ridge, "EXTRAPOLATION_RATIO", ratio)
+        fit = fit_ridge(d, y, groups, None, rounds=rounds, tail_dof=0.0, log=_quiet)
+        return np.log([fit.prior_precision[0], fit.prior_precision[1]])
+
+    ratio = ridge.EXTRAPOLATION_RATIO
+    settled = log_prior(60, 0.0)  # the plain update, run until it stops moving
+    plain, extrapolated = log_prior(4, 0.0), log_prior(4, ratio)
+    assert np.abs(extrapolated - settled).max() < 0.6 * np.abs(plain - settled).max()
+    # Both stop once no precision moves by 5% in a round.
+    np.testing.assert_allclose(log_prior(60, ratio), settled, atol=0.1)
+
+
+def test_an_extrapolated_step_is_at_most_doubled_and_never_past_a_reversal():
+    from e6score_dagster.model.ridge import EXTRAPOLATION_RATIO, LAMBDA_RANGE, _extrapolated
+
+    steps: dict[int, float] = {}
+    assert _extrapolated(10.0, 20.0, steps, 0) == 20.0  # the first step: as it is
+    # The same direction again at ratio 1 (creeping): the step at most doubled.
+    assert _extrapolated(20.0, 40.0, steps, 0) == pytest.approx(
+        20.0 * 2.0 ** (1 / (1 - EXTRAPOLATION_RATIO)))
+    assert _extrapolated(80.0, 60.0, steps, 0) == 60.0  # a reversal: as it is
+    # A shrinking step (ratio 1/4): the rest of the geometric way, step / (1 - 1/4).
+    steps = {1: math.log(4.0)}
+    assert _extrapolated(4.0, 4.0 * math.sqrt(2), steps, 1) == pytest.approx(
+        4.0 * math.exp(math.log(math.sqrt(2)) / 0.75))
+    assert _extrapolated(1e5, 9e5, {2: 5.0}, 2) == LAMBDA_RANGE[1]  # within the bounds

@@ -68,6 +68,13 @@ METADATA_PRIOR = 1.0  # precision on the (standardised) metadata weights: nearly
 LAMBDA_RANGE = (1e-2, 1e6)  # bounds of a group's prior precision, in units of the noise
 ROUND_REDUCTION = 0.1  # each solve cuts its starting residual at least this much
 MIN_ROUND_GAIN = 2e-4  # validation NLL further rounds must be expected to gain to run
+# Evidence rounds extrapolate each group's precision along its last two steps, at most
+# doubling a step (`_extrapolated`). Measured with linear and additive candidates, hold-out
+# NLL before / after: 1M classic 1.44924 / 1.44902 with 6 rounds instead of 8 (the additive
+# candidate 17.5 s to 13.5 s); 100k: classic 1.44535 / 1.44519, heavy_tails 1.57102 /
+# 1.57113, interactions 1.52896 / 1.52887, long_tail 1.56219 / 1.56060, uploaders 1.47113 /
+# 1.47139. Uncapped (up to 3x) it was faster still but 0.0017 worse in heavy_tails.
+EXTRAPOLATION_RATIO = 0.5
 SCALE_PRIOR = 1e-4  # a whisper of L2 on the log-scale coefficients (one-hots are collinear)
 SCALE_NEWTON_STEPS = 30
 SCALE_FIT_POSTS = 200_000
@@ -666,6 +673,21 @@ def remaining_gain(nlls: list[float]) -> float:
     return gain * ratio / (1.0 - ratio) if ratio < 1.0 else math.inf
 
 
+def _extrapolated(old: float, new: float, last_step: dict[int, float], group: int) -> float:
+    """MacKay's update moves a group's log precision by about the same share of the way each
+    round, so it creeps towards its fixed point: at 1M posts several groups still moved a
+    fifth of a decade in the eighth round. Where two steps agree in direction, their ratio r
+    predicts the rest of the way (the step times 1 / (1 - r)); r is capped at
+    EXTRAPOLATION_RATIO, so no step is more than doubled, and a step that reverses is taken
+    as it is. `last_step` keeps each group's previous step."""
+    step = math.log(new / old)
+    prev, last_step[group] = last_step.get(group), step
+    if prev is None or step * prev <= 0:
+        return new
+    ratio = min(step / prev, EXTRAPOLATION_RATIO)
+    return float(np.clip(old * math.exp(step / (1.0 - ratio)), *LAMBDA_RANGE))
+
+
 def fit_ridge(
     d: Design,
     y: np.ndarray,
@@ -766,6 +788,7 @@ def fit_ridge(
         return lam_vector(u)
 
     dof = TAIL_DOF if tail_dof is None else tail_dof
+    last_step: dict[int, float] = {}
     for _ in range(rounds if not tail_dof else 0):  # the Gaussian prior's evidence rounds
         lam = lam_vector()
         theta, entry = solve(lam, theta)
@@ -782,7 +805,7 @@ def fit_ridge(
             new = float(np.clip(noise / max(tau2, 1e-12), *LAMBDA_RANGE))
             if LAMBDA_RANGE[0] < new < LAMBDA_RANGE[1]:  # a group at a bound has settled
                 changed = max(changed, abs(math.log(new / lam_of[g])))
-            lam_of[g] = new
+            lam_of[g] = _extrapolated(lam_of[g], new, last_step, g)
         keep(entry, theta, lam, "evidence", 0.0)
         if changed < 0.05 or settled:  # the prior scales or the validation NLL have settled
             break
@@ -887,13 +910,13 @@ def fit_link(mean: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_link_and_metadata(
-    mean: np.ndarray, y: np.ndarray, z: np.ndarray | Design
+    mean: np.ndarray, y: np.ndarray, z: np.ndarray | Design, link: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The link's coefficients, and a shift of the metadata weights and bias (one Gauss-Newton
     step through the link): with the mean bent, a group of posts with few favourites (say a
     rare file type) would otherwise keep an effect fitted without the bend. Refits the link
-    after the shift. `mean`: out-of-sample predictions."""
-    link = fit_link(mean, y)
+    after the shift. `mean`: out-of-sample predictions; `link`: `fit_link(mean, y)` if known."""
+    link = fit_link(mean, y) if link is None else link
     blocks = [z] if isinstance(z, np.ndarray) else [b.z for b in z.blocks]
     d = blocks[0].shape[1] + 1
     gram = np.zeros((d, d))
@@ -934,7 +957,7 @@ def choose_link(
     n_links = len(LINK_KNOTS)
     options = [(np.zeros(n_links, np.float32), np.zeros(z.n_metadata + 1, np.float32))]
     options.append((fit_link(loo, y), options[0][1]))
-    options.append(fit_link_and_metadata(loo, y, z))
+    options.append(fit_link_and_metadata(loo, y, z, options[1][0]))
     if validation is None or not len(validation[1]):
         return options[-1]
     vd, vy = validation
