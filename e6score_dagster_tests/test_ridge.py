@@ -492,3 +492,24 @@ def test_an_extrapolated_step_is_at_most_doubled_and_never_past_a_reversal():
     assert _extrapolated(4.0, 4.0 * math.sqrt(2), steps, 1) == pytest.approx(
         4.0 * math.exp(math.log(math.sqrt(2)) / 0.75))
     assert _extrapolated(1e5, 9e5, {2: 5.0}, 2) == LAMBDA_RANGE[1]  # within the bounds
+
+
+def test_a_designs_used_columns_are_those_of_the_blocks_it_keeps():
+    import scipy.sparse as sp
+
+    from e6score_dagster.model.ridge import Block, Design
+
+    def block(cols: list[int], ids: list[int]) -> Block:
+        n = len(ids)
+        s = sp.csr_matrix((np.ones(len(cols), np.float32), cols, [0, *([len(cols)] * n)]),
+                          shape=(n, 11))
+        zeros = np.zeros(n, np.int8)
+        return Block(np.zeros((n, 1), np.float32), s, np.zeros(n, np.float32), zeros, zeros,
+                     np.array(ids, np.int64))
+
+    d = Design([block([0, 2], [1, 2]), block([2, 10], [3])], row_category=np.zeros(11, np.int64),
+               row_dense=np.ones(11, bool))
+    assert np.flatnonzero(d.used_columns()).tolist() == [0, 2, 10]
+    first = d.take(np.array([True, True, False]))
+    assert np.flatnonzero(first.used_columns()).tolist() == [0, 2]
+    assert np.flatnonzero(d.used_columns()).tolist() == [0, 2, 10]  # the whole's is unchanged

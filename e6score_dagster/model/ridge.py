@@ -61,6 +61,7 @@ from e6score_dagster.model.train import (
 from e6score_dagster.schema import TAG_CATEGORIES
 
 ENCODE_CHUNK = 65536  # posts per chunk when hashing tag codes into effect rows
+LINK_CHUNK = 4 * ENCODE_CHUNK  # posts per slice of the link's and metadata's passes
 CHUNKS_PER_BLOCK = 4  # chunks a block holds where no split decides (bounds the build's copy)
 ENCODE_AHEAD = 4  # chunks encoded at once at most (bounds the build's transients)
 PIECE_ROWS = 1 << 17  # rows per task of the threaded products (views of a block)
@@ -104,9 +105,17 @@ class Block:
     rating: np.ndarray
     ext: np.ndarray
     ids: np.ndarray
+    _used: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def used_columns(self) -> np.ndarray:
+        """The tag columns these rows have entries in, as packed bits: counted once per block
+        (every candidate and fold shares the pool's blocks), not once per fit."""
+        if self._used is None:
+            self._used = np.packbits(np.bincount(self.s.indices, minlength=self.s.shape[1]) > 0)
+        return self._used
 
     def rows(self, a: int, b: int) -> Block:
         """Rows a..b as views of this block's arrays (no copy)."""
@@ -208,9 +217,10 @@ class Design:
                 out.append(b.take(part))
         return dataclasses.replace(self, blocks=out or [self.blocks[0].take(keep[:0])])
 
-    def column_counts(self) -> np.ndarray:
-        """How many entries each tag column has."""
-        return sum(np.bincount(b.s.indices, minlength=self.width) for b in self.blocks)
+    def used_columns(self) -> np.ndarray:
+        """Whether any row has an entry in each tag column."""
+        packed = functools.reduce(np.bitwise_or, (b.used_columns() for b in self.blocks))
+        return np.unpackbits(packed, count=self.width).astype(bool)
 
     def metadata(self, a: np.ndarray) -> np.ndarray:
         """z @ a over every row."""
@@ -388,7 +398,7 @@ def design_of(data: ParquetBatches, config: ModelConfig, layout: FeatureLayout) 
 def tag_groups(d: Design, by_category: bool) -> np.ndarray:
     """The prior group of each tag row: category x (dense or hashed), or one group for all
     (the plain ridge); -1 for rows no post uses."""
-    used = d.column_counts() > 0
+    used = d.used_columns()
     kind = d.row_kind if len(d.row_kind) else np.zeros(len(used), np.int64)
     if by_category:
         group = (kind * CATEGORY_CODES + d.row_category) * 2 + d.row_dense
@@ -900,13 +910,24 @@ def fit_log_scale(resid: np.ndarray, leverage: np.ndarray, features: np.ndarray)
     return beta
 
 
+def _slices(n: int) -> Iterator[slice]:
+    """The rows in slices of LINK_CHUNK: the link's hinge features are 13 floats a post, and
+    at 6M posts all at once they were 0.8 GB of temporaries."""
+    return (slice(i, i + LINK_CHUNK) for i in range(0, n, LINK_CHUNK))
+
+
 def fit_link(mean: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The link's coefficients (`network.Link`): least squares of y - mean on the hinges of
     `mean` (out-of-sample predictions), with a whisper of L2 (hinges beyond the data are
     flat)."""
-    x = link_features(np.asarray(mean, np.float32)).astype(np.float64)
-    gram = x.T @ x + SCALE_PRIOR * len(y) * np.eye(x.shape[1])
-    return np.linalg.solve(gram, x.T @ (np.asarray(y, np.float64) - mean)).astype(np.float32)
+    mean = np.asarray(mean, np.float32)
+    gram = SCALE_PRIOR * len(y) * np.eye(len(LINK_KNOTS))
+    rhs = np.zeros(len(LINK_KNOTS))
+    for rows in _slices(len(mean)):
+        x = link_features(mean[rows]).astype(np.float64)
+        gram += x.T @ x
+        rhs += x.T @ (np.asarray(y[rows], np.float64) - mean[rows])
+    return np.linalg.solve(gram, rhs).astype(np.float32)
 
 
 def fit_link_and_metadata(
@@ -922,8 +943,7 @@ def fit_link_and_metadata(
     gram = np.zeros((d, d))
     rhs = np.zeros(d)
     i = 0
-    for zi in (b[j : j + ENCODE_CHUNK * 4] for b in blocks for j in range(0, len(b),
-                                                                         ENCODE_CHUNK * 4)):
+    for zi in (b[rows] for b in blocks for rows in _slices(len(b))):
         m = np.asarray(mean[i : i + len(zi)], np.float32)  # bounded temporaries on big dumps
         slope = 1.0 - ((link_features(m) > 0) @ link).astype(np.float64)
         bent = linked(link, m).astype(np.float64)
@@ -939,8 +959,11 @@ def fit_link_and_metadata(
 
 def linked(link: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """`mean` through the link with coefficients `link` (`network.Link`, in NumPy)."""
-    mean = np.asarray(mean, np.float32)
-    return mean + link_features(mean) @ np.asarray(link, np.float32)
+    mean, link = np.asarray(mean, np.float32), np.asarray(link, np.float32)
+    out = np.empty_like(mean)
+    for rows in _slices(len(mean)):
+        out[rows] = mean[rows] + link_features(mean[rows]) @ link
+    return out
 
 
 def choose_link(
