@@ -53,6 +53,17 @@ def gaussian_nll(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
     return float(np.mean(np.log(sigma) + 0.5 * z * z + 0.5 * np.log(2 * np.pi)))
 
 
+def gap_split(y: np.ndarray, mean: np.ndarray, scale: np.ndarray, oracle_mean: np.ndarray,
+              oracle_sd: np.ndarray) -> dict[str, float]:
+    """Where the gap to the oracle lies: the model's mean with the oracle's scale, and the
+    oracle's mean with the model's scale, each against the oracle (percent of its NLL)."""
+    oracle = gaussian_nll(y, oracle_mean, oracle_sd)
+    return {
+        "gap_mean_pct": 100.0 * (gaussian_nll(y, mean, oracle_sd) - oracle) / abs(oracle),
+        "gap_scale_pct": 100.0 * (gaussian_nll(y, oracle_mean, scale) - oracle) / abs(oracle),
+    }
+
+
 def ensure_dump(world: str, posts: int, seed: int) -> Path:
     out = WORK / f"world-{world}-{posts}-s{seed}"
     if not (out / f"truth-{DATE}.parquet").exists():
@@ -220,6 +231,8 @@ def measure(world: str, posts: int, seed: int, rerun: bool = True) -> dict:
         "model_nll": model_nll,
         "oracle_nll": oracle_nll,
         "nll_gap_pct": 100.0 * (model_nll - oracle_nll) / abs(oracle_nll),
+        **gap_split(y, held["pred_log_mean"].to_numpy(), held["pred_log_scale"].to_numpy(),
+                    held["oracle_mean"].to_numpy(), held["oracle_sd"].to_numpy()),
         "spearman_model": sp_model,
         "spearman_oracle": sp_oracle,
         "spearman_ratio": sp_model / sp_oracle,
@@ -271,9 +284,11 @@ def _run_row(r: dict) -> str:
     worst_decile = max(abs(d - 0.1) for d in r["decile_shares"])
     worst_live = max((abs(d - 0.1) for d in r.get("decile_shares_live", [])), default=math.nan)
     gaps = _gaps(r)
+    split = (f" (mean {r['gap_mean_pct']:+.1f}, scale {r['gap_scale_pct']:+.1f})"
+             if "gap_mean_pct" in r else "")
     return (
         f"| {r['world']} | {r['posts']:,} | {r['scored_fraction']:.0%} "
-        f"| {r['model_nll']:.4f} | {r['oracle_nll']:.4f} | {r['nll_gap_pct']:+.1f}% "
+        f"| {r['model_nll']:.4f} | {r['oracle_nll']:.4f} | {r['nll_gap_pct']:+.1f}%{split} "
         f"| {r['spearman_model']:.3f} / {r['spearman_oracle']:.3f} = {r['spearman_ratio']:.3f} "
         f"| {ages} | {worst_group:.3f} | {100 * worst_decile:.1f} / {100 * worst_live:.1f} pp "
         f"| {r.get('chosen_candidate') or 'n/a'} | {r['seconds']:.0f} | {gaps} |"
@@ -329,6 +344,8 @@ def worlds_markdown(results: dict) -> str:
         "hidden quality and the count noise integrated out). NLL: Gaussian in log1p space on",
         "the held-out live posts (10% by the pipeline's id hash); the model's is computed from",
         "`scored_posts` (pred_log_mean, pred_log_scale) on the same posts as the oracle's.",
+        "In brackets after the gap, where it lies: the model's mean with the oracle's scale,",
+        "and the oracle's mean with the model's scale, each against the oracle.",
         "Spearman: fav_score (model) and the oracle's predictive CDF of the observed count",
         "against the hidden quality, over live scored posts. Calibration: mean fav_score by",
         "upload age, the worst rating / file type (>= 300 live posts) and the worst fav_score",
