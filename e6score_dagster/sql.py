@@ -40,9 +40,3 @@ def tag_tokens_sql(column: str = "tag_string") -> str:
     occurrence.
     """
     return f"string_split(trim({column}), ' ')"
-
-
-def tag_count_sql(column: str = "tag_string") -> str:
-    """How many tags a `tag_string` holds (single-space separated, as e621 writes it)."""
-    return (f"CASE WHEN coalesce(trim({column}), '') = '' THEN 0 "
-            f"ELSE len({tag_tokens_sql(column)}) END")
