@@ -105,17 +105,15 @@ class Block:
     rating: np.ndarray
     ext: np.ndarray
     ids: np.ndarray
-    _used: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def used_columns(self) -> np.ndarray:
+    @functools.cached_property
+    def used_bits(self) -> np.ndarray:
         """The tag columns these rows have entries in, as packed bits: counted once per block
         (every candidate and fold shares the pool's blocks), not once per fit."""
-        if self._used is None:
-            self._used = np.packbits(np.bincount(self.s.indices, minlength=self.s.shape[1]) > 0)
-        return self._used
+        return np.packbits(np.bincount(self.s.indices, minlength=self.s.shape[1]) > 0)
 
     def rows(self, a: int, b: int) -> Block:
         """Rows a..b as views of this block's arrays (no copy)."""
@@ -219,7 +217,7 @@ class Design:
 
     def used_columns(self) -> np.ndarray:
         """Whether any row has an entry in each tag column."""
-        packed = functools.reduce(np.bitwise_or, (b.used_columns() for b in self.blocks))
+        packed = functools.reduce(np.bitwise_or, (b.used_bits for b in self.blocks))
         return np.unpackbits(packed, count=self.width).astype(bool)
 
     def metadata(self, a: np.ndarray) -> np.ndarray:
@@ -945,8 +943,9 @@ def fit_link_and_metadata(
     i = 0
     for zi in (b[rows] for b in blocks for rows in _slices(len(b))):
         m = np.asarray(mean[i : i + len(zi)], np.float32)  # bounded temporaries on big dumps
-        slope = 1.0 - ((link_features(m) > 0) @ link).astype(np.float64)
-        bent = linked(link, m).astype(np.float64)
+        hinges = link_features(m)
+        slope = 1.0 - ((hinges > 0) @ link).astype(np.float64)
+        bent = (m + hinges @ np.asarray(link, np.float32)).astype(np.float64)  # `linked`
         zb = np.concatenate([zi, np.ones((len(m), 1), np.float32)], axis=1)
         weighted = zb * slope[:, None].astype(np.float32)
         gram += (weighted.T @ weighted).astype(np.float64)

@@ -420,14 +420,14 @@ def train(
     )
     history: list[dict] = []
     val_curve: list[dict] = []
-    best = (math.inf, 0, None)  # (nll, step, params)
-    best_scored = None  # the validation slice's (y, mu, sigma) under the best params
+    # (nll, step, params, the validation slice's (y, mu, sigma) under those params)
+    best = (math.inf, 0, None, None)
     stale = 0
     if has_val and init is not None:
-        best_scored = _predict_rows(fwd, params, val_rows)
-        nll = _calibrated_nll(*best_scored)
+        scored = _predict_rows(fwd, params, val_rows)
+        nll = _calibrated_nll(*scored)
         val_curve.append({"step": 0, "nll": nll})
-        best = (nll, 0, jax.device_get(params))
+        best = (nll, 0, jax.device_get(params), scored)
     t_start = time.perf_counter()
     t_log = t_start
     eval_seconds = 0.0
@@ -487,8 +487,7 @@ def train(
                 eval_seconds += time.perf_counter() - t_eval
                 val_curve.append({"step": global_step, "nll": nll})
                 if nll < best[0]:
-                    best, stale = (nll, global_step, jax.device_get(params)), 0
-                    best_scored = scored
+                    best, stale = (nll, global_step, jax.device_get(params), scored), 0
                 else:
                     stale += 1
                 if stale >= config.patience:
@@ -507,9 +506,8 @@ def train(
     factor = 1.0
     if has_val:
         final = jax.tree_util.tree_map(np.array, final)  # a writable copy
-        if best[2] is None or best_scored is None:
-            best_scored = _predict_rows(fwd, final, val_rows)
-        factor = calibrate_scale(final, *best_scored)  # scored when it was the best
+        scored = best[3] if best[2] is not None else _predict_rows(fwd, final, val_rows)
+        factor = calibrate_scale(final, *scored)  # scored when it was the best
         log(f"best validation NLL {best[0]:.4f} at step {best[1]}; sigma x {factor:.3f}")
     return TrainResult(
         params=final,
