@@ -513,3 +513,45 @@ def test_a_designs_used_columns_are_those_of_the_blocks_it_keeps():
     first = d.take(np.array([True, True, False]))
     assert np.flatnonzero(first.used_columns()).tolist() == [0, 2]
     assert np.flatnonzero(d.used_columns()).tolist() == [0, 2, 10]  # the whole's is unchanged
+
+
+def test_a_design_too_big_for_the_heap_is_read_from_a_file_and_fits_the_same(
+    world, tmp_path, monkeypatch
+):
+    """Above `SPILL_BYTES` the design's bulk lives in an unlinked file beside the matrix,
+    mapped read-only (`spill.py`): the fit must be the very same as from the heap, the blocks
+    must be views of the mapping (not copies), and nothing may be left in the folder."""
+    import mmap
+    import shutil
+
+    from e6score_dagster.model import ridge
+
+    path, layout, _, _ = world
+    own = tmp_path / "matrix.parquet"
+    shutil.copy(path, own)
+    fits, designs = [], []
+    for limit in (ridge.SPILL_BYTES, 0):
+        monkeypatch.setattr(ridge, "SPILL_BYTES", limit)
+        pool = ParquetBatches(own, layout, 512, rows="fit")
+        split = {"validation_fraction": 0.15, "exclude_fold": (1, 5), "pool": pool}
+        data = ParquetBatches(own, layout, 512, rows="train", **split)
+        val = ParquetBatches(own, layout, 512, rows="validation", **split)
+        fits.append(train_ridge(CONFIG, layout, data, val, log=_quiet))
+        designs.append(design_of(data, CONFIG, layout))
+    heap, spilled = designs
+
+    def mapped(x: np.ndarray) -> bool:
+        while isinstance(x, np.ndarray | memoryview):
+            x = x.base if isinstance(x, np.ndarray) else x.obj
+        return isinstance(x, mmap.mmap)
+
+    assert len(spilled.blocks) == len(heap.blocks) > 1
+    for a, b in zip(heap.blocks, spilled.blocks, strict=True):
+        np.testing.assert_array_equal(a.z, b.z)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        assert (a.s != b.s).nnz == 0
+        assert all(mapped(x) for x in (b.z, b.s.data, b.s.indices))
+        assert not any(mapped(x) for x in (a.z, a.s.data, a.s.indices))
+    np.testing.assert_array_equal(theta_of(fits[0].params), theta_of(fits[1].params))
+    assert fits[0].validation == fits[1].validation
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["matrix.parquet"]

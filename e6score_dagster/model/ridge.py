@@ -37,7 +37,7 @@ from scipy.sparse import _sparsetools
 from scipy.sparse.linalg import LinearOperator, cg
 
 from e6score_dagster.memory import release_memory
-from e6score_dagster.model import sparse_ops
+from e6score_dagster.model import sparse_ops, spill
 from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches
 from e6score_dagster.model.network import (
@@ -65,6 +65,9 @@ LINK_CHUNK = 4 * ENCODE_CHUNK  # posts per slice of the link's and metadata's pa
 CHUNKS_PER_BLOCK = 4  # chunks a block holds where no split decides (bounds the build's copy)
 ENCODE_AHEAD = 4  # chunks encoded at once at most (bounds the build's transients)
 PIECE_ROWS = 1 << 17  # rows per task of the threaded products (views of a block)
+# A design larger than this (estimated from its first chunk) lives in a spill file beside the
+# feature matrix instead of the heap (`spill.py`): at 6M posts it is 2.8 GB.
+SPILL_BYTES = 1 << 30
 METADATA_PRIOR = 1.0  # precision on the (standardised) metadata weights: nearly flat
 LAMBDA_RANGE = (1e-2, 1e6)  # bounds of a group's prior precision, in units of the noise
 ROUND_REDUCTION = 0.1  # each solve cuts its starting residual at least this much
@@ -113,7 +116,18 @@ class Block:
     def used_bits(self) -> np.ndarray:
         """The tag columns these rows have entries in, as packed bits: counted once per block
         (every candidate and fold shares the pool's blocks), not once per fit."""
-        return np.packbits(np.bincount(self.s.indices, minlength=self.s.shape[1]) > 0)
+        used = np.bincount(self.s.indices, minlength=self.s.shape[1]) > 0
+        self.let_go()
+        return np.packbits(used)
+
+    @property
+    def nbytes(self) -> int:
+        """The bulk of the block: its metadata features and tag entries."""
+        return self.z.nbytes + self.s.data.nbytes + self.s.indices.nbytes
+
+    def let_go(self) -> None:
+        """Hand back the resident pages of a spilled block's bulk (no-op in the heap)."""
+        spill.release(self.z, self.s.data, self.s.indices)
 
     def rows(self, a: int, b: int) -> Block:
         """Rows a..b as views of this block's arrays (no copy)."""
@@ -129,8 +143,47 @@ class Block:
     def take(self, keep: np.ndarray) -> Block:
         """The rows where `keep` holds (copied)."""
         idx = np.flatnonzero(keep)
-        return Block(self.z[idx], self.s[idx], self.y[idx], self.rating[idx], self.ext[idx],
-                     self.ids[idx])
+        out = Block(self.z[idx], self.s[idx], self.y[idx], self.rating[idx], self.ext[idx],
+                    self.ids[idx])
+        self.let_go()
+        return out
+
+
+ROW_FIELDS = ("y", "rating", "ext", "ids")
+
+
+@dataclass
+class _Spilled:
+    """A block while a spilled design is built: its bulk (metadata features, tag entries'
+    values and columns) in a spill file, its per-row arrays (entries per row, `ROW_FIELDS`)
+    in memory."""
+
+    bulk: tuple[spill.Extent, ...]
+    counts: np.ndarray
+    rows: dict[str, np.ndarray]
+    width: int
+
+    @classmethod
+    def of(cls, b: Block, file: spill.SpillFile) -> _Spilled:
+        bulk = tuple(file.write(x) for x in (b.z, b.s.data, b.s.indices))
+        return cls(bulk, np.diff(b.s.indptr), {k: getattr(b, k) for k in ROW_FIELDS},
+                   b.s.shape[1])
+
+    @classmethod
+    def joined(cls, parts: list[_Spilled], source: spill.SpillFile,
+               target: spill.SpillFile) -> _Spilled:
+        """`parts` (in `source`) as one block in `target`, in order."""
+        bulk = tuple(target.append(source, [p.bulk[i] for p in parts]) for i in range(3))
+        rows = {k: np.concatenate([p.rows[k] for p in parts]) for k in ROW_FIELDS}
+        return cls(bulk, np.concatenate([p.counts for p in parts]), rows, parts[0].width)
+
+    def block(self, mapping: spill.Mapping) -> Block:
+        z, data, indices = (mapping.array(e) for e in self.bulk)
+        indptr = np.concatenate([[0], np.cumsum(self.counts)])
+        s = sp.csr_matrix((len(self.counts), self.width), dtype=np.float32)
+        s.data, s.indices = data, indices
+        s.indptr = indptr.astype(np.int32 if indptr[-1] < 2**31 else np.int64)
+        return Block(z=z, s=s, **self.rows)
 
 
 def _stack(blocks: list[Block]) -> Block:
@@ -222,7 +275,13 @@ class Design:
 
     def metadata(self, a: np.ndarray) -> np.ndarray:
         """z @ a over every row."""
-        return np.concatenate([b.z @ a for b in self.blocks])
+        out = []
+        for b in self.blocks:
+            for at in range(0, len(b), PIECE_ROWS):
+                z = b.z[at : at + PIECE_ROWS]
+                out.append(z @ a)
+                spill.release(z)
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def predict(self, theta: np.ndarray) -> np.ndarray:
         return _Products(self).forward(theta)
@@ -329,22 +388,32 @@ def build_design(
         hashed_counts[:] += tally.hashed
 
     encode = functools.partial(_encode, config=config, layout=layout)
+    file = None  # the spill file of the parts, when the design is too big for the heap
     for i, (block, tally) in enumerate(_encoded(data.chunks(), encode)):
         add(tally)
+        if i == 0 and len(block) and block.nbytes / len(block) * data.num_rows() > SPILL_BYTES:
+            file = spill.SpillFile(data.path.parent)
         classes = split(block.ids) if split else np.full(len(block), i // CHUNKS_PER_BLOCK)
         for k in np.unique(classes):
-            parts[int(k)].append(block if len(block) == 0 or (classes == k).all()
-                                 else block.take(classes == k))
-        del block
+            part = block if len(block) == 0 or (classes == k).all() else block.take(classes == k)
+            parts[int(k)].append(_Spilled.of(part, file) if file else part)
+        del block, part
         release_memory(collect=False)  # the chunk's transients, or the heap only grows
     if not parts:  # no rows: one empty block
         block, tally = encode(data.empty())
         add(tally)
         parts[0].append(block)
-    blocks = []
-    for k in sorted(parts):
-        blocks.append(_stack(parts.pop(k)))
-        release_memory(collect=False)
+    if file:  # each class's parts joined in a second file, read back through one mapping
+        target = spill.SpillFile(data.path.parent)
+        joined = [_Spilled.joined(parts.pop(k), file, target) for k in sorted(parts)]
+        file.close()
+        mapping = target.mapped()
+        blocks = [j.block(mapping) for j in joined]
+    else:
+        blocks = []
+        for k in sorted(parts):
+            blocks.append(_stack(parts.pop(k)))
+            release_memory(collect=False)
     row_category = category
     row_category[n_dense:] = hashed_counts.reshape(-1, CATEGORY_CODES).argmax(axis=1)
     row_kind = np.zeros(n_rows, np.int64)
@@ -522,6 +591,7 @@ class _Products:
                 y = np.einsum("ij,j->i", p.z, a)  # not BLAS: see the class's docstring
                 _sparsetools.csr_matvec(*p.s.shape, p.s.indptr, p.s.indices, p.s.data, w, y)
                 out.append(y)
+                p.let_go()
             return np.concatenate(out)
 
         parts = self._map(run)
@@ -540,6 +610,7 @@ class _Products:
                 # s.T @ part added in place: the CSR arrays read as the transpose's CSC.
                 _sparsetools.csc_matvec(p.s.shape[1], p.s.shape[0], p.s.indptr, p.s.indices,
                                         p.s.data, part, out[self.dz + 1 :])
+                p.let_go()
             return out
 
         u = np.asarray(u, np.float32)
@@ -574,6 +645,7 @@ class _Products:
                     rating = p.rating[np.searchsorted(p.s.indptr, at, side="right") - 1]
                     s_tr += np.bincount((p.s.indices[at] - t_base) * n_rating + rating,
                                         p.s.data[at], len(s_tr))
+                p.let_go()
             return diag, zz, s_tr
 
         parts = self._map(run) or [run([])]
@@ -618,6 +690,7 @@ class _Products:
             _sparsetools.csr_matvec(*p.s.shape, p.s.indptr, p.s.indices, np.square(p.s.data),
                                     per_column, y)
             out.append(y)
+            p.let_go()
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -948,11 +1021,13 @@ def fit_link_and_metadata(
         bent = (m + hinges @ np.asarray(link, np.float32)).astype(np.float64)  # `linked`
         zb = np.concatenate([zi, np.ones((len(m), 1), np.float32)], axis=1)
         weighted = zb * slope[:, None].astype(np.float32)
+        spill.release(zi)
         gram += (weighted.T @ weighted).astype(np.float64)
         rhs += weighted.T.astype(np.float64) @ (y[i : i + len(m)] - bent)
         i += len(m)
     shift = np.linalg.solve(gram + METADATA_PRIOR * np.eye(d), rhs).astype(np.float32)
-    moved = mean + np.concatenate([b @ shift[:-1] for b in blocks]) + shift[-1]
+    metadata = z @ shift[:-1] if isinstance(z, np.ndarray) else z.metadata(shift[:-1])
+    moved = mean + metadata + shift[-1]
     return fit_link(moved, y), shift
 
 
