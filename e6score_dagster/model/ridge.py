@@ -28,6 +28,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -152,38 +153,34 @@ class Block:
 ROW_FIELDS = ("y", "rating", "ext", "ids")
 
 
-@dataclass
-class _Spilled:
-    """A block while a spilled design is built: its bulk (metadata features, tag entries'
-    values and columns) in a spill file, its per-row arrays (entries per row, `ROW_FIELDS`)
-    in memory."""
+class _SpilledRows:
+    """One class's rows while a spilled design is built: the bulk (metadata features, tag
+    entries' values and columns) appended to spill files as the chunks come, so the design is
+    written once and never held; the per-row arrays (entries per row, `ROW_FIELDS`) in
+    memory."""
 
-    bulk: tuple[spill.Extent, ...]
-    counts: np.ndarray
-    rows: dict[str, np.ndarray]
-    width: int
+    def __init__(self, folder: Path) -> None:
+        self.bulk = [spill.SpillArray(folder) for _ in range(3)]
+        self.counts: list[np.ndarray] = []
+        self.rows: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.width = 0
 
-    @classmethod
-    def of(cls, b: Block, file: spill.SpillFile) -> _Spilled:
-        bulk = tuple(file.write(x) for x in (b.z, b.s.data, b.s.indices))
-        return cls(bulk, np.diff(b.s.indptr), {k: getattr(b, k) for k in ROW_FIELDS},
-                   b.s.shape[1])
+    def add(self, b: Block) -> None:
+        for f, x in zip(self.bulk, (b.z, b.s.data, b.s.indices), strict=True):
+            f.append(x)
+        self.counts.append(np.diff(b.s.indptr))
+        for k in ROW_FIELDS:
+            self.rows[k].append(getattr(b, k))
+        self.width = b.s.shape[1]
 
-    @classmethod
-    def joined(cls, parts: list[_Spilled], source: spill.SpillFile,
-               target: spill.SpillFile) -> _Spilled:
-        """`parts` (in `source`) as one block in `target`, in order."""
-        bulk = tuple(target.append(source, [p.bulk[i] for p in parts]) for i in range(3))
-        rows = {k: np.concatenate([p.rows[k] for p in parts]) for k in ROW_FIELDS}
-        return cls(bulk, np.concatenate([p.counts for p in parts]), rows, parts[0].width)
-
-    def block(self, mapping: spill.Mapping) -> Block:
-        z, data, indices = (mapping.array(e) for e in self.bulk)
-        indptr = np.concatenate([[0], np.cumsum(self.counts)])
-        s = sp.csr_matrix((len(self.counts), self.width), dtype=np.float32)
+    def block(self) -> Block:
+        """The rows as one block whose bulk is read through the files' mappings."""
+        z, data, indices = (f.mapped() for f in self.bulk)
+        indptr = np.concatenate([[0], np.cumsum(np.concatenate(self.counts))])
+        s = sp.csr_matrix((len(indptr) - 1, self.width), dtype=np.float32)
         s.data, s.indices = data, indices
         s.indptr = indptr.astype(np.int32 if indptr[-1] < 2**31 else np.int64)
-        return Block(z=z, s=s, **self.rows)
+        return Block(z=z, s=s, **{k: np.concatenate(v) for k, v in self.rows.items()})
 
 
 def _stack(blocks: list[Block]) -> Block:
@@ -388,27 +385,26 @@ def build_design(
         hashed_counts[:] += tally.hashed
 
     encode = functools.partial(_encode, config=config, layout=layout)
-    file = None  # the spill file of the parts, when the design is too big for the heap
+    spilled: dict[int, _SpilledRows] | None = None  # when the design is too big for the heap
     for i, (block, tally) in enumerate(_encoded(data.chunks(), encode)):
         add(tally)
         if i == 0 and len(block) and block.nbytes / len(block) * data.num_rows() > SPILL_BYTES:
-            file = spill.SpillFile(data.path.parent)
+            spilled = {}
         classes = split(block.ids) if split else np.full(len(block), i // CHUNKS_PER_BLOCK)
         for k in np.unique(classes):
             part = block if len(block) == 0 or (classes == k).all() else block.take(classes == k)
-            parts[int(k)].append(_Spilled.of(part, file) if file else part)
-        del block, part
+            if spilled is None:
+                parts[int(k)].append(part)
+            else:
+                spilled.setdefault(int(k), _SpilledRows(data.path.parent)).add(part)
+        block = part = None
         release_memory(collect=False)  # the chunk's transients, or the heap only grows
-    if not parts:  # no rows: one empty block
+    if not parts and not spilled:  # no rows: one empty block
         block, tally = encode(data.empty())
         add(tally)
         parts[0].append(block)
-    if file:  # each class's parts joined in a second file, read back through one mapping
-        target = spill.SpillFile(data.path.parent)
-        joined = [_Spilled.joined(parts.pop(k), file, target) for k in sorted(parts)]
-        file.close()
-        mapping = target.mapped()
-        blocks = [j.block(mapping) for j in joined]
+    if spilled:
+        blocks = [spilled.pop(k).block() for k in sorted(spilled)]
     else:
         blocks = []
         for k in sorted(parts):

@@ -1,11 +1,11 @@
-"""Big arrays kept out of the process's memory: written to an unlinked temporary file and read
+"""Big arrays kept out of the process's memory: grown in an unlinked temporary file and read
 back through a read-only mapping whose pages are let go of after each use.
 
 At 6M posts the exact fits' design is 2.8 GB. Held in the heap it set the fit's peak; mapped
 from a file, only the rows a product is working on are resident at a time (`release` hands
-the rest back after each piece), and the kernel's page cache, which it may drop and re-read
-from disk under pressure, keeps them warm between passes. The file is unlinked as soon as it
-is made, so a killed run leaves nothing behind.
+the rest back after each piece), and the kernel's page cache, which may drop them and read
+them again from disk under pressure, keeps them warm between passes. Each file is unlinked as
+soon as it is made, so a killed run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,86 +13,43 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-ALIGN = mmap.PAGESIZE  # every array starts on a page: aligned for any dtype, and its own pages
 
-
-@dataclass(frozen=True)
-class Extent:
-    """Where one array lies in a spill file."""
-
-    offset: int
-    dtype: np.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-
-class SpillFile:
-    """An append-only unlinked file of arrays: `write` them, `copy` extents from another
-    spill file, then `mapped` to read them all back as read-only views of one mapping."""
+class SpillArray:
+    """One array grown by appending rows to an unlinked file (written once, in order), then
+    read back as a read-only view of the whole file (`mapped`)."""
 
     def __init__(self, folder: Path | None = None) -> None:
-        # Lives as long as this object (closed by `mapped` or `close`), not one block.
+        # Lives as long as this object (closed by `mapped`), not one block.
         self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115
-        self._end = 0
+        self._size = 0
+        self._like: np.ndarray | None = None  # an empty array of the rows' dtype and shape
 
-    def _pad(self) -> int:
-        start = -(-self._end // ALIGN) * ALIGN
-        if start > self._end:
-            os.pwrite(self._file.fileno(), bytes(start - self._end), self._end)
-        self._end = start
-        return start
-
-    def write(self, array: np.ndarray) -> Extent:
-        """Append `array` (made C-contiguous) and say where it went."""
-        array = np.ascontiguousarray(array)
-        start = self._pad()
-        view = memoryview(array.reshape(-1)).cast("B")
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows)
+        if self._like is None:
+            self._like = rows[:0].copy()
+        elif rows.dtype != self._like.dtype or rows.shape[1:] != self._like.shape[1:]:
+            raise ValueError(f"rows {rows.dtype}{rows.shape} do not extend {self._like.dtype}"
+                             f"{self._like.shape}")
+        view = memoryview(rows.reshape(-1)).cast("B")
         while view:
-            done = os.pwrite(self._file.fileno(), view, self._end)
-            view, self._end = view[done:], self._end + done
-        return Extent(start, array.dtype, array.shape)
+            done = os.pwrite(self._file.fileno(), view, self._size)
+            view, self._size = view[done:], self._size + done
 
-    def append(self, source: SpillFile, extents: list[Extent]) -> Extent:
-        """The arrays at `extents` of `source` (of one dtype and row shape), joined along
-        their first axis as one new array here: copied a piece at a time, never all in
-        memory."""
-        start = self._pad()
-        for e in extents:
-            data = os.pread(source._file.fileno(), e.nbytes, e.offset)
-            os.pwrite(self._file.fileno(), data, self._end)
-            self._end += len(data)
-        first = extents[0]
-        return Extent(start, first.dtype, (sum(e.shape[0] for e in extents), *first.shape[1:]))
-
-    def mapped(self) -> Mapping:
-        """Every array written so far, readable through one mapping (the file itself is
+    def mapped(self) -> np.ndarray:
+        """Every row appended, as a read-only view of the file's mapping (the file itself is
         closed: the mapping keeps it until the last view of it is gone)."""
-        self._file.flush()
-        mapping = Mapping(mmap.mmap(self._file.fileno(), self._end, access=mmap.ACCESS_READ))
-        self.close()
-        return mapping
-
-    def close(self) -> None:
+        like = self._like if self._like is not None else np.zeros(0, np.float32)
+        if not self._size:
+            self._file.close()
+            return like
+        mm = mmap.mmap(self._file.fileno(), self._size, access=mmap.ACCESS_READ)
         self._file.close()
-
-
-class Mapping:
-    """A spill file's arrays, as read-only views of one mapping."""
-
-    def __init__(self, mm: mmap.mmap) -> None:
-        self._mm = mm
-
-    def array(self, e: Extent) -> np.ndarray:
-        count = int(np.prod(e.shape, dtype=np.int64))
-        return np.frombuffer(self._mm, e.dtype, count, e.offset).reshape(e.shape)
+        return np.frombuffer(mm, like.dtype).reshape(-1, *like.shape[1:])
 
 
 def release(*arrays: np.ndarray) -> None:
@@ -105,6 +62,6 @@ def release(*arrays: np.ndarray) -> None:
         if not isinstance(mm, mmap.mmap) or not a.nbytes:
             continue
         base = np.frombuffer(mm, np.uint8).ctypes.data
-        lo = (a.ctypes.data - base) // ALIGN * ALIGN
-        hi = min(-(-(a.ctypes.data - base + a.nbytes) // ALIGN) * ALIGN, len(mm))
+        lo = (a.ctypes.data - base) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(-(-(a.ctypes.data - base + a.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE, len(mm))
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from e6score_dagster.memory import big_allocations_mapped
 from e6score_dagster.model.config import ModelConfig
 from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches
 from e6score_dagster.model.metrics import predictive_metrics
@@ -367,6 +368,7 @@ def _streamed_chunks(
         yield emit()
 
 
+@big_allocations_mapped()  # the loop's few-MB buffers, not kept in glibc's arenas
 def train(
     config: ModelConfig,
     layout: FeatureLayout,
