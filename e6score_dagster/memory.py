@@ -48,11 +48,10 @@ _DEFAULT_MMAP_THRESHOLD_MAX = 32 << 20
 @contextmanager
 def big_allocations_mapped(threshold: int = 4 << 20) -> Iterator[None]:
     """Within the block, glibc serves every allocation of at least `threshold` bytes with a
-    mapping of its own, handed back to the system when freed. The deep stage's loop allocates
-    buffers of a few MB every dispatch (XLA's outputs and temporaries, streamed row chunks)
-    from several threads; with glibc's dynamic threshold they were carved from the arenas,
-    which kept about 0.5 GB of them at 6M posts (1.45 GB of RSS instead of 1.95 while it
-    trains). Afterwards the threshold is left at the ceiling the dynamic one climbs to."""
+    mapping of its own, handed back to the system when freed. A loop that allocates buffers
+    of a few MB on several threads (the deep stage's, on streamed rows) otherwise has them
+    carved from glibc's arenas, which keep them once freed: about 0.5 GB at 6M posts.
+    Afterwards the threshold is left at the ceiling glibc's dynamic one climbs to."""
     mallopt = getattr(_LIBC, "mallopt", None)  # glibc only
     if mallopt is None:
         yield
