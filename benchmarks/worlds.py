@@ -64,11 +64,19 @@ def gap_split(y: np.ndarray, mean: np.ndarray, scale: np.ndarray, oracle_mean: n
     }
 
 
-def ensure_dump(world: str, posts: int, seed: int) -> Path:
-    out = WORK / f"world-{world}-{posts}-s{seed}"
+def _name(world: str, posts: int, seed: int, posts_per_tag: float | None) -> str:
+    """The dump's and home's folder name; a vocabulary other than the world's own is named."""
+    return f"{world}-{posts}-s{seed}" + (f"-ppt{posts_per_tag:g}" if posts_per_tag else "")
+
+
+def ensure_dump(world: str, posts: int, seed: int, posts_per_tag: float | None = None) -> Path:
+    """The world's dump, generated once; `posts_per_tag` sets the vocabulary's size (posts /
+    posts_per_tag tags) instead of the world's own."""
+    out = WORK / f"world-{_name(world, posts, seed, posts_per_tag)}"
     if not (out / f"truth-{DATE}.parquet").exists():
         shutil.rmtree(out, ignore_errors=True)
-        generate_dump(out, posts, DATE, seed, world=world)
+        n_tags = int(posts / posts_per_tag) if posts_per_tag else None
+        generate_dump(out, posts, DATE, seed, n_tags=n_tags, world=world)
     return out
 
 
@@ -155,10 +163,12 @@ def _calibration(live: pd.DataFrame) -> dict:
     return out
 
 
-def measure(world: str, posts: int, seed: int, rerun: bool = True) -> dict:
+def measure(
+    world: str, posts: int, seed: int, rerun: bool = True, posts_per_tag: float | None = None
+) -> dict:
     """Run the pipeline on the world's dump (or, with rerun=False, re-read the last run)."""
-    source = ensure_dump(world, posts, seed)
-    home = WORK / f"worlds-home-{world}-{posts}-s{seed}"
+    source = ensure_dump(world, posts, seed, posts_per_tag)
+    home = WORK / f"worlds-home-{_name(world, posts, seed, posts_per_tag)}"
     run_file = home.with_suffix(".run.json")
     if rerun or not run_file.exists():
         shutil.rmtree(home, ignore_errors=True)
