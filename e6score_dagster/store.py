@@ -33,6 +33,17 @@ def transaction(conn: duckdb.DuckDBPyConnection):
 
 
 @contextmanager
+def memory_limit(conn: duckdb.DuckDBPyConnection, limit: str, restore: str) -> Iterator[None]:
+    """DuckDB's memory limit set to `limit` for the statements inside, then to `restore` (the
+    configured one: what `current_setting` shows is rounded, and setting it back would drift)."""
+    conn.execute(f"SET memory_limit = '{limit}'")
+    try:
+        yield
+    finally:
+        conn.execute(f"SET memory_limit = '{restore}'")
+
+
+@contextmanager
 def query_progress(
     conn: duckdb.DuckDBPyConnection, log: Callable[[str], None], label: str, every_s: float = 10
 ) -> Iterator[None]:

@@ -21,6 +21,7 @@ from e6score_dagster.definitions import PIPELINE
 from e6score_dagster.model import load_params
 from e6score_dagster.resources import QualityGates, make_resources
 from e6score_dagster.schema import POSTS_COLUMNS
+from e6score_dagster.store import memory_limit
 from e6score_dagster.synthetic import generate_dump
 from e6score_dagster_tests.conftest import DUMP_DATE, QUICK_TRAINING, run_config
 
@@ -334,3 +335,16 @@ def test_sigkill_during_a_re_export_then_a_rerun(tmp_path, big_dump):
                                    check_exact=False, rtol=1e-6)
     assert not list(home.rglob("*.part"))
     assert not list((home / "tmp" / "scored_posts").glob("*"))
+
+
+def test_the_exports_memory_limit_is_restored_after_a_failed_statement(tmp_path):
+    with duckdb.connect(str(tmp_path / "x.duckdb"), config={"memory_limit": "2GB"}) as conn:
+        def setting() -> str:
+            return conn.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+
+        configured = setting()
+        with pytest.raises(duckdb.CatalogException), memory_limit(conn, "100MB", restore="2GB"):
+            assert setting() == "95.3 MiB"
+            conn.execute("SELECT * FROM no_such_table")
+        assert setting() == configured  # the configured limit, not its rounded display
+

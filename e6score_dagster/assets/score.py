@@ -26,7 +26,7 @@ from e6score_dagster.report import comparison_table_md, run_summary_lines
 from e6score_dagster.resources import DB_FILE, StateDir
 from e6score_dagster.schema import POSTS_ALL_COLUMNS
 from e6score_dagster.sql import ident
-from e6score_dagster.store import query_progress
+from e6score_dagster.store import memory_limit, query_progress
 
 SCORE_SCHEMA = pa.schema(
     [
@@ -49,6 +49,10 @@ BOOLEAN_COLUMNS = {
 TIMESTAMP_COLUMNS = {"created_at", "updated_at", "last_noted_at", "last_commented_at"}
 # Every posts column of e621's current export (old dumps: the three new ones are empty).
 EXPORT_COLUMNS = POSTS_ALL_COLUMNS
+# The exports stream (a positional join written out; one sort of the scores for the Parquet
+# file), so DuckDB's cache of the tables they read is held to this while they run: at 6M posts
+# the process's peak was the CSV export, DuckDB at its whole limit on top of what the fit left.
+EXPORT_MEMORY_LIMIT = "1GB"
 
 
 def export_column_sql(col: str) -> str:
@@ -232,10 +236,12 @@ def scored_posts(
                 check = checks.every_post_scored(conn, table)
                 t_export = time.perf_counter()
                 if check.passed:  # no export of scores that will not be published
-                    write_csv_export(
-                        conn, table, st.tmp / "export.csv", st.path(export), context.log.info
-                    )
-                    write_parquet_export(conn, table, st.path(parquet_export))
+                    configured = duckdb.connection_config["memory_limit"]
+                    with memory_limit(conn, EXPORT_MEMORY_LIMIT, restore=configured):
+                        write_csv_export(
+                            conn, table, st.tmp / "export.csv", st.path(export), context.log.info
+                        )
+                        write_parquet_export(conn, table, st.path(parquet_export))
                 export_s = time.perf_counter() - t_export
                 summary = score_summary(conn, table)
         finally:
