@@ -12,8 +12,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pyarrow as pa
 
@@ -38,26 +36,3 @@ def release_memory(collect: bool = True) -> None:
     trim = getattr(_LIBC, "malloc_trim", None)  # glibc only
     if trim is not None:
         trim(0)
-
-
-# glibc's mallopt parameter, and the ceiling its dynamic threshold climbs to on 64-bit builds.
-_M_MMAP_THRESHOLD = -3
-_DEFAULT_MMAP_THRESHOLD_MAX = 32 << 20
-
-
-@contextmanager
-def big_allocations_mapped(threshold: int = 4 << 20) -> Iterator[None]:
-    """Within the block, glibc serves every allocation of at least `threshold` bytes with a
-    mapping of its own, handed back to the system when freed. A loop that allocates buffers
-    of a few MB on several threads (the deep stage's, on streamed rows) otherwise has them
-    carved from glibc's arenas, which keep them once freed: about 0.5 GB at 6M posts.
-    Afterwards the threshold is left at the ceiling glibc's dynamic one climbs to."""
-    mallopt = getattr(_LIBC, "mallopt", None)  # glibc only
-    if mallopt is None:
-        yield
-        return
-    mallopt(_M_MMAP_THRESHOLD, threshold)
-    try:
-        yield
-    finally:
-        mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD_MAX)

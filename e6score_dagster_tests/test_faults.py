@@ -179,9 +179,10 @@ def _kill_during(proc: subprocess.Popen, step: str, marker: str) -> str:
     [
         # Markers inside the step with its heavy part still ahead, and no sleep after them (a
         # fast machine finishes a 100k-post step within a second): while DuckDB parses the
-        # CSV; during training; after the scores are written, before the table and exports.
+        # CSV; as the linear candidate's fit starts; after the scores are written, before the
+        # table and the exports are.
         ("cleaned_posts", "reading posts of", QUICK_BIG),
-        ("fitted_params", "step ", {**QUICK_BIG, "epochs": 50}),
+        ("fitted_params", "candidate linear", QUICK_BIG),
         ("scored_posts", "posts in ", QUICK_BIG),
     ],
 )

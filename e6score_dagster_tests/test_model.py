@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,6 +110,23 @@ def test_training_never_sees_holdout_rows(fitted):
     ])
     assert len(seen) == 3600 and len(np.unique(seen)) == 3600
     assert not np.any(seen % 10 == 0)
+
+
+def test_streamed_rows_train_as_well_as_resident_ones(fitted, monkeypatch):
+    """Rows above RESIDENT_MAX_BYTES stream from the file in chunks (6M posts) instead of
+    being gathered on the device: another order of the same rows, the same quality."""
+    path, layout, resident = fitted
+    logs: list[str] = []
+    monkeypatch.setattr(importlib.import_module("e6score_dagster.model.train"),
+                        "RESIDENT_MAX_BYTES", 0)
+    data = ParquetBatches(path, layout, CONFIG.batch_size, rows="train", shuffle_seed=0)
+    streamed = train(CONFIG, layout, data, log=logs.append)
+    assert any("(streamed)" in line for line in logs)
+    assert streamed.steps == resident.steps and streamed.history != resident.history
+    holdout = ParquetBatches(path, layout, 256, rows="holdout")
+    nll = [evaluate(CONFIG, layout, r.params, holdout)["nll"] for r in (resident, streamed)]
+    assert abs(nll[0] - nll[1]) < 0.05
+    assert nll[1] < evaluate(CONFIG, layout, streamed.params, holdout)["constant_nll"] - 0.2
 
 
 def test_same_seed_same_params_other_seed_differs(fitted, tmp_path):
