@@ -348,4 +348,3 @@ def test_the_exports_memory_limit_is_restored_after_a_failed_statement(tmp_path)
             assert setting() == "95.3 MiB"
             conn.execute("SELECT * FROM no_such_table")
         assert setting() == configured  # the configured limit, not its rounded display
-
