@@ -102,13 +102,9 @@ def write_results(rows: list[dict]) -> None:
     RESULTS_JSON.write_text(json.dumps(rows, indent=1) + "\n")
     text = worlds.RESULTS_MD.read_text()
     section = markdown(rows)
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        title = "## Posts per tag: the same world, a smaller vocabulary"
-        text = text.rstrip("\n") + f"\n\n{title}\n\n" + section
-    worlds.RESULTS_MD.write_text(text)
+    if BEGIN not in text:  # the first run: the section gets its title
+        section = f"## Posts per tag: the same world, a smaller vocabulary\n\n{section}"
+    worlds.RESULTS_MD.write_text(worlds.replace_section(text, section, BEGIN, END))
 
 
 def main() -> None:

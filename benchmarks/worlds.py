@@ -394,11 +394,12 @@ def worlds_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(text: str, section: str) -> str:
-    """QUALITY.md with the worlds section replaced (or appended)."""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        return head + section.rstrip("\n") + rest.split(END, 1)[1]
+def replace_section(text: str, section: str, begin: str = BEGIN, end: str = END) -> str:
+    """QUALITY.md with the section between `begin` and `end` (the worlds section unless told)
+    replaced, or appended."""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + section.rstrip("\n") + rest.split(end, 1)[1]
     return text.rstrip("\n") + "\n\n" + section
 
 
