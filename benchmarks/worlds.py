@@ -30,7 +30,14 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from e6score_dagster.synthetic import HELD_BACK_WORLD, WORLDS, generate_dump, iter_chunks
+from e6score_dagster.synthetic import (
+    HELD_BACK_WORLD,
+    WORLDS,
+    generate_dump,
+    get_world,
+    iter_chunks,
+    reference,
+)
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
@@ -106,6 +113,7 @@ def oracle_only(world: str, posts: int, seed: int) -> dict:
         "oracle_spearman": float(spearmanr(live["oracle_score"], live["quality"]).statistic),
         "fav_count_spearman": float(spearmanr(live["fav_count"], live["quality"]).statistic),
         "seconds": round(time.perf_counter() - t0, 1),
+        **reference.evaluate(get_world(world), posts, DATE, seed, holdout_mask),
     }
 
 
@@ -236,6 +244,9 @@ def measure(
     sp_oracle = float(spearmanr(live["oracle_score"], live["quality"]).statistic)
     deciles = np.histogram(df["fav_score"], bins=10, range=(0.0, 1.0))[0] / len(df)
     live_deciles = np.histogram(live["fav_score"], bins=10, range=(0.0, 1.0))[0] / len(live)
+    n_tags = int(posts / posts_per_tag) if posts_per_tag else None
+    learner = reference.evaluate(get_world(world), posts, DATE, seed, holdout_mask, n_tags)
+    sp_held = float(spearmanr(held["fav_score"], held["quality"]).statistic)
     record |= {
         "holdout_posts": int(len(held)),
         "model_nll": model_nll,
@@ -246,6 +257,9 @@ def measure(
         "spearman_model": sp_model,
         "spearman_oracle": sp_oracle,
         "spearman_ratio": sp_model / sp_oracle,
+        **learner,
+        "gap_to_reference_pct": 100.0 * (model_nll - learner["reference_nll"]) / abs(oracle_nll),
+        "spearman_ratio_holdout": sp_held / learner["holdout_spearman_oracle"],
         "fav_zscore_sd_live": float(
             ((np.log1p(live["fav_count"]) - live["pred_log_mean"]) / live["pred_log_scale"]).std()
         ),
@@ -272,6 +286,15 @@ def _gaps(r: dict) -> str:
     )
 
 
+def _learner(r: dict) -> str:
+    """The learner told the priors: its gap to the oracle and hold-out rank ratio, and the
+    model's hold-out rank ratio in brackets where the model scored."""
+    if "reference_nll" not in r:
+        return "not run"
+    model = f" ({r['spearman_ratio_holdout']:.3f})" if "spearman_ratio_holdout" in r else ""
+    return f"{r['reference_gap_pct']:+.1f}% / {r['reference_spearman_ratio']:.3f}{model}"
+
+
 def _run_row(r: dict) -> str:
     if "model_nll" not in r:
         why = r.get("failure", "no scores")
@@ -284,7 +307,7 @@ def _run_row(r: dict) -> str:
             unpublished = "no fit | | "
         return (
             f"| {r['world']} | {r['posts']:,} | {_f(r.get('scored_fraction'), '{:.0%}')} "
-            f"| {unpublished} | no scores: {why[:90]} | | | | "
+            f"| {unpublished} | no scores: {why[:90]} | | | | | "
             f"{r.get('chosen_candidate') or 'n/a'} | {r['seconds']:.0f} | {_gaps(r)} |"
         )
     cal = r["calibration"]
@@ -300,19 +323,21 @@ def _run_row(r: dict) -> str:
         f"| {r['world']} | {r['posts']:,} | {r['scored_fraction']:.0%} "
         f"| {r['model_nll']:.4f} | {r['oracle_nll']:.4f} | {r['nll_gap_pct']:+.1f}%{split} "
         f"| {r['spearman_model']:.3f} / {r['spearman_oracle']:.3f} = {r['spearman_ratio']:.3f} "
-        f"| {ages} | {worst_group:.3f} | {100 * worst_decile:.1f} / {100 * worst_live:.1f} pp "
+        f"| {_learner(r)} | {ages} | {worst_group:.3f} "
+        f"| {100 * worst_decile:.1f} / {100 * worst_live:.1f} pp "
         f"| {r.get('chosen_candidate') or 'n/a'} | {r['seconds']:.0f} | {gaps} |"
     )
 
 
 RUN_HEADER = (
     "| world | posts | scored | held-out NLL, model | oracle | gap | Spearman with quality, "
-    "model / oracle = ratio | mean fav_score by age <1d / 1-7d / 7-30d / older "
+    "model / oracle = ratio | learner told the priors: gap / hold-out rank ratio (model's) "
+    "| mean fav_score by age <1d / 1-7d / 7-30d / older "
     "| worst rating / file type: distance of mean from 0.5 "
     "| worst decile: distance from 10%, all / live posts "
     "| chosen | seconds "
     "| other candidates' gap |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 )
 
 
@@ -323,14 +348,16 @@ def _label(world: str) -> str:
 def _oracle_table(rows: list[dict]) -> list[str]:
     lines = [
         "| world | posts | held-out live posts | oracle NLL | oracle Spearman with quality "
-        "| raw fav_count Spearman | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| raw fav_count Spearman | learner told the priors: gap / hold-out rank ratio "
+        "| seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {_label(r['world'])} | {r['posts']:,} | {r['holdout_posts']:,} "
             f"| {r['oracle_nll']:.4f} "
-            f"| {r['oracle_spearman']:.3f} | {r['fav_count_spearman']:.3f} | {r['seconds']:.0f} |"
+            f"| {r['oracle_spearman']:.3f} | {r['fav_count_spearman']:.3f} | {_learner(r)} "
+            f"| {r['seconds']:.0f} |"
         )
     return lines
 

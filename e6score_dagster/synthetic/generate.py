@@ -51,6 +51,23 @@ UPLOAD_GROWTH = 0.24  # per year: upload volume grows exponentially
 
 
 @dataclass(frozen=True)
+class Hidden:
+    """Per post, what the hidden log-mean is made of: the part every learner can pin down
+    (audience, recency, rating, file type, deletion) and the entities whose effects are hidden
+    (tags, their rating and trend interactions, the uploader). `synthetic.reference` fits the
+    latter knowing only the world's priors."""
+
+    known: np.ndarray  # visible log-mean minus the entities' effects
+    group: np.ndarray  # noise group
+    deleted: np.ndarray
+    rating: np.ndarray  # rating index
+    years: np.ndarray  # upload time in years since launch
+    uploader: np.ndarray
+    tag_rows: np.ndarray  # (post row, alphabetical rank) pairs of the chunk's tags
+    tag_ranks: np.ndarray
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One CHUNK_ROWS slice of the dump: CSV-ready string columns plus the hidden truth."""
 
@@ -58,6 +75,7 @@ class Chunk:
     pools: dict[str, list[str]]
     tag_counts: np.ndarray  # per alphabetical rank
     truth: pa.Table
+    hidden: Hidden
 
 
 @dataclass
@@ -289,6 +307,8 @@ def _make_chunk(lo: int, hi: int, total: int, setup: _Setup, state: _State) -> C
     fav = process.draw_fav_count(rng, world, log_mu, group)
     posts.update(_engagement(rng, fav, rating))
     m = visible + rec
+    hidden = Hidden(m - effect, group, deleted, process.rating_index(rating), years, uploader,
+                    rows, ranks)
     oracle_mean, oracle_sd = setup.oracle.moments(m, group, deleted)
     truth = pa.table(
         {
@@ -304,7 +324,11 @@ def _make_chunk(lo: int, hi: int, total: int, setup: _Setup, state: _State) -> C
     pools = _pools(rng, text, ids, created, state, end_us, uploader)
     counts = np.bincount(ranks, minlength=vocab.names.size)
     return Chunk(
-        posts={c: posts[c] for c in POSTS_COLUMNS}, pools=pools, tag_counts=counts, truth=truth
+        posts={c: posts[c] for c in POSTS_COLUMNS},
+        pools=pools,
+        tag_counts=counts,
+        truth=truth,
+        hidden=hidden,
     )
 
 
