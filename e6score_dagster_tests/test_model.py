@@ -22,7 +22,7 @@ from e6score_dagster.model import (
     train,
 )
 from e6score_dagster.model.metrics import predictive_metrics
-from e6score_dagster.model.network import warm_start
+from e6score_dagster.model.network import SPREAD_FEATURES, warm_start
 from e6score_dagster.model.params import Fitted
 from e6score_dagster.model.train import (
     NonFiniteLossError,
@@ -318,6 +318,28 @@ def test_params_from_before_the_scale_correction_still_load_and_score(tmp_path, 
     held = ParquetBatches(path, layout, 256, rows="holdout")
     _, mu, sigma = predict(CONFIG, layout, loaded.params, held)
     assert np.isfinite(mu).all() and np.isfinite(sigma).all()
+
+
+def test_params_from_before_the_spread_score_as_they_did(tmp_path, fitted):
+    """A params file written before the scale could widen with each post's spread (a scale
+    kernel without its last SPREAD_FEATURES rows, no tag variances) loads with those at 0
+    and predicts exactly what the same params predict with the spread's coefficients at 0."""
+    path, layout, result = fitted
+    kernel = np.asarray(result.params["scale"]["kernel"])
+    old = dict(result.params)  # the deep model's: its tag variances sit under "tags"
+    old["tags"] = {k: v for k, v in old["tags"].items() if k != "variance"}
+    old["scale"] = {"kernel": kernel[:-SPREAD_FEATURES]}
+    save_params(tmp_path / "old.msgpack", Fitted(old, CONFIG, layout))
+    loaded = load_params(tmp_path / "old.msgpack")
+    assert not np.asarray(loaded.params["tags"]["variance"]).any()
+    assert not np.asarray(loaded.params["scale"]["kernel"])[-SPREAD_FEATURES:].any()
+    same = {**result.params, "scale": {"kernel": kernel.copy()}}
+    same["scale"]["kernel"][-SPREAD_FEATURES:] = 0.0
+    held = ParquetBatches(path, layout, 256, rows="holdout")
+    _, mu, sigma = predict(CONFIG, layout, loaded.params, held)
+    _, mu0, sigma0 = predict(CONFIG, layout, same, held)
+    np.testing.assert_allclose(mu, mu0, rtol=1e-6)
+    np.testing.assert_allclose(sigma, sigma0, rtol=1e-6)
 
 
 def test_fav_score_averages_one_half_where_most_posts_have_no_favourites():

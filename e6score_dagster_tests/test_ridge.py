@@ -13,9 +13,22 @@ import pyarrow.parquet as pq
 import pytest
 
 from e6score_dagster.model import FeatureLayout, ModelConfig, ParquetBatches
-from e6score_dagster.model.network import CATEGORY_CODES, Link
-from e6score_dagster.model.ridge import design_of, group_name, tag_groups, theta_of, train_ridge
-from e6score_dagster.model.train import evaluate, predict
+from e6score_dagster.model.network import (
+    CATEGORY_CODES,
+    SPREAD_FEATURES,
+    Link,
+    effect_rows,
+    tag_spread,
+)
+from e6score_dagster.model.ridge import (
+    design_of,
+    group_name,
+    products_of,
+    tag_groups,
+    theta_of,
+    train_ridge,
+)
+from e6score_dagster.model.train import calibrate_on_rows, evaluate, predict
 
 CONFIG = ModelConfig(architecture="additive", hash_bits=10)
 MAX_TAGS = 12
@@ -27,7 +40,7 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _matrix(path, counts: bool, interaction_sd: float = 0.0):
+def _matrix(path, counts: bool, interaction_sd: float = 0.0, one_off_sd: float = 0.0):
     """Artist effects (sd 0.8) + general-tag effects (sd 0.03) + noise, twice as much noise
     for rating 2. With `counts`: that sum is the log rate of Poisson favourites (so the mean
     of log1p(favs) bends away from it where few are expected); else it is log1p(favs)."""
@@ -48,6 +61,11 @@ def _matrix(path, counts: bool, interaction_sd: float = 0.0):
         by_rating = rng.normal(0, interaction_sd, (N_TAGS, 3)) * (category == ARTIST)[:, None]
         extra = by_rating[np.maximum(pick, 1) - 1, rating[:, None]]
         y = y + np.where(pick > 0, extra, 0).sum(1)
+    if one_off_sd:  # half the posts' last slot: an artist of its own (a one-off uploader's)
+        own = rng.random(n) < 0.5
+        codes[:, -1] = np.where(own, (N_TAGS + 1 + np.arange(n)) * CATEGORY_CODES + ARTIST,
+                                codes[:, -1])
+        y = y + own * rng.normal(0, one_off_sd, n)
     y += rng.normal(0, 1, n) * noise
     fav = rng.poisson(np.exp(y)) if counts else np.round(np.expm1(np.maximum(y, 0)))
     if counts:
@@ -505,7 +523,7 @@ def test_a_designs_used_columns_are_those_of_the_blocks_it_keeps():
                           shape=(n, 11))
         zeros = np.zeros(n, np.int8)
         return Block(np.zeros((n, 1), np.float32), s, np.zeros(n, np.float32), zeros, zeros,
-                     np.array(ids, np.int64))
+                     np.array(ids, np.int64), np.zeros((n, 2), np.float32))
 
     d = Design([block([0, 2], [1, 2]), block([2, 10], [3])], row_category=np.zeros(11, np.int64),
                row_dense=np.ones(11, bool))
@@ -555,3 +573,60 @@ def test_a_design_too_big_for_the_heap_is_read_from_a_file_and_fits_the_same(
     np.testing.assert_array_equal(theta_of(fits[0].params), theta_of(fits[1].params))
     assert fits[0].validation == fits[1].validation
     assert sorted(p.name for p in tmp_path.iterdir()) == ["matrix.parquet"]
+
+
+def test_the_network_reads_each_posts_spread_as_the_design_weighs_its_rows(world):
+    """`network.tag_spread` (what the scale sees at scoring) is the design's squared rows
+    times the rows' posterior variances (what the fit's leverage is made of), dense and
+    hashed tags alike."""
+    path, layout, data, val = world
+    params = train_ridge(CONFIG, layout, data, val, log=_quiet).params
+    variance = np.asarray(params["tag_variance"])
+    assert (variance > 0).all()
+    d = design_of(data, CONFIG, layout)
+    per_column = np.zeros(d.width, np.float32)
+    per_column[: len(variance)] = variance
+    expected = products_of(d).squared_rows(per_column)
+    tags = np.asarray(data.load()["tags"])
+    rows = effect_rows(tags, CONFIG.hash_bits, CONFIG.num_probes, 301)
+    got = tag_spread(variance, rows, (tags > 0).astype(np.float32), 301, CONFIG.num_probes)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def _kept_and_rival(world, widen: bool) -> tuple[float, float, float, float]:
+    """Validation and hold-out NLL of the scale `train_ridge` kept, and of its rival: the same
+    fit with the spread's coefficient at a Gaussian posterior's 0.5 (`widen`) or with the
+    spread and long tail's at 0, each calibrated on validation."""
+    path, layout, data, val = world
+    logged: list[str] = []
+    params = train_ridge(CONFIG, layout, data, val, log=logged.append).params
+    assert any(f"scale: {'with' if widen else 'without'} the spread" in m for m in logged)
+    kernel = np.asarray(params["scale"]["kernel"]).copy()
+    assert np.any(kernel[-SPREAD_FEATURES:] != 0) == widen
+    if widen:
+        kernel[-SPREAD_FEATURES:] = 0.0
+    else:
+        kernel[-SPREAD_FEATURES] = 0.5
+    rival = {**params, "scale": {"kernel": kernel},
+             "sigma_calibration": np.asarray(0.0, np.float32)}
+    calibrate_on_rows(CONFIG, layout, rival, val.load())
+    held = ParquetBatches(path, layout, 512, rows="holdout")
+    return tuple(evaluate(CONFIG, layout, p, rows)["nll"]
+                 for p in (params, rival) for rows in (val, held))
+
+
+def test_the_scale_widens_with_the_spread_where_validation_says_it_helps(tmp_path):
+    """Half the posts have an artist of their own (sd 0.7): its effect is unknown to any fit,
+    so those posts are less predictable than their other tags say, and the scale that widens
+    with the long tail wins on validation and on held-out posts."""
+    world = _matrix(tmp_path / "one_off.parquet", counts=False, one_off_sd=0.7)
+    kept_val, kept_held, rival_val, rival_held = _kept_and_rival(world, widen=True)
+    assert kept_val < rival_val and kept_held < rival_held - 0.005
+
+
+def test_the_scale_stays_plain_where_validation_says_the_spread_does_not_help(world):
+    """Here the diagonal spread overstates what rare tags cost (held-out residuals do not
+    grow with it): the plain scale is kept, and a spread coefficient of 0.5 would score worse
+    on validation and held-out posts alike."""
+    kept_val, kept_held, rival_val, rival_held = _kept_and_rival(world, widen=False)
+    assert kept_val < rival_val and kept_held < rival_held

@@ -128,7 +128,7 @@ class TagEncoder(nn.Module):
     n_dense: int = 0
 
     @nn.compact
-    def __call__(self, tags: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(self, tags: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, ...]:
         cfg = self.config
         rows = probe_buckets(tags, cfg.hash_bits, cfg.num_probes)  # [B, T, P]
         mask = (tags > 0).astype(jnp.float32)[..., None]  # index 0 is padding
@@ -148,9 +148,12 @@ class TagEncoder(nn.Module):
         pooled = emb.sum(axis=1) / jnp.sqrt(count)
         # Additive per-tag effect: the wide (linear-in-tags) part of the model.
         shrink = Shrinkage(name="shrink")(tags)
-        effect = bias[effect_rows(tags, cfg.hash_bits, cfg.num_probes, self.n_dense)]
+        effect_at = effect_rows(tags, cfg.hash_bits, cfg.num_probes, self.n_dense)
+        effect = bias[effect_at]
         linear = (effect.mean(axis=-1) * shrink * mask[..., 0]).sum(axis=1)
-        return pooled, linear
+        variance = self.param("variance", nn.initializers.zeros, bias.shape)
+        spread = tag_spread(variance, effect_at, mask[..., 0], self.n_dense, cfg.num_probes)
+        return pooled, linear, spread
 
 
 def calibrate(module: nn.Module, sigma: jnp.ndarray) -> jnp.ndarray:
@@ -202,7 +205,7 @@ class E6ScoreNet(nn.Module):
         self, batch: dict[str, jnp.ndarray], train: bool = False
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
         cfg = self.config
-        pooled, linear = TagEncoder(cfg, self.n_dense, name="tags")(batch["tags"], train)
+        pooled, linear, spread = TagEncoder(cfg, self.n_dense, name="tags")(batch["tags"], train)
         # Wide part: the linear baseline's terms. The deep part sees their sum (the additive
         # prediction) as an input, so it can bend the link and set the scale by it, and only
         # has to learn what is not additive.
@@ -235,7 +238,8 @@ class E6ScoreNet(nn.Module):
         mu = self.y_mean + self.y_std * (out[:, 0] + additive)
         # The additive models' scale correction, kept as it was fitted (`warm_start`).
         scale = ScaleCorrection(name="scale")(
-            scale_features(batch, additive, self.n_rating, self.n_ext)
+            scale_features(batch, additive, self.n_rating, self.n_ext, spread,
+                           long_tail(batch["tags"], self.n_dense))
         )
         sigma = self.y_std * (jax.nn.softplus(out[:, 1] + 0.5413) + 1e-3)  # softplus(.5413)=1
         return mu, calibrate(self, sigma * jnp.exp(scale))
@@ -271,6 +275,8 @@ class LinearNet(nn.Module):
         if self.shrinkage:
             tag_w = tag_w * Shrinkage(name="shrink")(batch["tags"])
         tag_term = (tag_w * mask).sum(axis=1)
+        variance = self.param("tag_variance", nn.initializers.zeros, weight.shape)
+        spread = tag_spread(variance, rows, mask, self.n_dense, cfg.num_probes)
         tag_term += Interactions(self.n_dense, self.n_rating, name="interactions")(batch)
         x = metadata_features(batch, self.n_rating, self.n_ext, cfg.time_frequencies)
         linear = nn.Dense(1, kernel_init=nn.initializers.zeros, name="linear")(x)[:, 0]
@@ -280,7 +286,8 @@ class LinearNet(nn.Module):
         # The noise of log1p(favs) is not one number: it depends on the expected count (few
         # favourites are noisier on the log scale), the rating and the file type. A log-linear
         # correction, zero at initialisation (then one scale for every post).
-        features = scale_features(batch, mean, self.n_rating, self.n_ext)
+        features = scale_features(batch, mean, self.n_rating, self.n_ext, spread,
+                                  long_tail(batch["tags"], self.n_dense))
         scale = ScaleCorrection(name="scale")(features)
         sigma = self.y_std * jnp.exp(log_scale + scale)
         return mu, calibrate(self, sigma)
@@ -301,15 +308,49 @@ class ScaleCorrection(nn.Module):
         return jnp.clip((features @ kernel)[:, 0], -bound, bound)
 
 
+SPREAD_FEATURES = 3  # the last columns of `scale_features`: the spread and `long_tail`
+
+
 def scale_feature_count(n_rating: int, n_ext: int) -> int:
-    """How many columns `scale_features` has: the mean, its square, the one-hots."""
-    return 2 + n_rating + n_ext
+    """How many columns `scale_features` has: the mean, its square, the one-hots, the spread
+    and the two `long_tail` columns."""
+    return 2 + n_rating + n_ext + SPREAD_FEATURES
 
 
-def scale_features(batch: dict, mean, n_rating: int, n_ext: int):
+def long_tail(tags, n_dense: int):
+    """[B, 2]: whether the post's uploader is in the hashed long tail (every uploader is), and
+    log(1 + how many of its tags are). A hashed row is shared by many tags or uploaders, so
+    its posterior variance (`tag_spread`) says little of how well it knows one of them: a
+    one-off uploader's own effect is as unknown as its group's prior. The scale learns what
+    these cost from the residuals. NumPy in, NumPy out; JAX otherwise."""
+    xp = np if isinstance(tags, np.ndarray) else jnp
+    index, code = tags // CATEGORY_CODES, tags % CATEGORY_CODES
+    uploader = (tags > 0) & (code == UPLOADER_CATEGORY)
+    hashed = (tags > 0) & ~uploader & (index >= n_dense)
+    return xp.stack(
+        [uploader.any(axis=-1), xp.log1p(hashed.sum(axis=-1).astype(xp.float32))], axis=-1
+    ).astype(xp.float32)
+
+
+def tag_spread(variance, rows, mask, n_dense: int, num_probes: int):
+    """Each post's uncertainty about its tags' summed effect, in units of the noise: the sum
+    over its tags of the posterior variance of the rows each effect reads, weighed as the
+    design weighs them (a dense tag's own row at 1, a hashed tag's P rows at 1/P each, so
+    mean / P). A post of rarely seen tags (or a new uploader) is less predictable than one of
+    well-known tags; the fit sets `variance` (`ridge.RidgeFit.row_variance`), zero without it.
+    NumPy in, NumPy out; JAX otherwise."""
+    xp = np if isinstance(rows, np.ndarray) else jnp
+    v = variance[rows].mean(axis=-1)
+    v = xp.where(rows[..., 0] < n_dense, v, v / num_probes)
+    return (v * mask).sum(axis=1)
+
+
+def scale_features(batch: dict, mean, n_rating: int, n_ext: int, spread, tail):
     """What the additive models' log scale varies with: the standardised mean (and its square,
-    clipped so an extreme post cannot blow up its scale), rating and file type. NumPy in,
-    NumPy out (the exact solves on the host, no compilation per shape); JAX otherwise."""
+    clipped so an extreme post cannot blow up its scale), rating, file type, log(1 + spread)
+    (`tag_spread`: a Gaussian posterior's predictive variance is the noise's times 1 + spread,
+    so its coefficient is near 0.5) and the `long_tail` columns `tail`. NumPy in, NumPy out
+    (the exact solves on the host, no compilation per shape); JAX otherwise."""
     xp = np if isinstance(mean, np.ndarray) else jnp
     m = xp.clip(mean, -4.0, 4.0).astype(xp.float32)
 
@@ -322,6 +363,8 @@ def scale_features(batch: dict, mean, n_rating: int, n_ext: int):
             xp.square(m)[:, None] / 4.0,
             one_hot(batch["rating"], n_rating),
             one_hot(batch["ext"], n_ext),
+            xp.log1p(xp.maximum(spread, 0.0)).astype(xp.float32)[:, None],
+            tail,
         ],
         axis=-1,
     )
@@ -353,7 +396,8 @@ class Link(nn.Module):
 
 # The additive terms a warm start copies from the additive fit, and training then keeps fixed.
 WARM_FROZEN = (
-    ("tags", "bias"), ("tags", "shrink"), ("wide",), ("scale",), ("link",), ("interactions",)
+    ("tags", "bias"), ("tags", "variance"), ("tags", "shrink"), ("wide",), ("scale",), ("link",),
+    ("interactions",),
 )
 
 
@@ -365,6 +409,7 @@ def warm_start(params: dict, additive: dict) -> dict:
     stopping can never end worse than the additive fit on validation."""
     out = jax.tree_util.tree_map(np.array, params)
     out["tags"]["bias"] = np.array(additive["tag_weight"])
+    out["tags"]["variance"] = np.array(additive["tag_variance"])
     # A plain linear fit has no shrinkage: the initial (zero) shrinkage is a factor of exactly 1.
     if "shrink" in additive:
         out["tags"]["shrink"] = jax.tree_util.tree_map(np.array, additive["shrink"])

@@ -74,12 +74,21 @@ def load_params(path: Path) -> Fitted:
 
 
 def _upgrade(params: dict, layout: FeatureLayout) -> dict:
-    """Params written before the models had the additive scale correction, the link or the
-    tag interactions predict without them: zero `scale`, `link` or `interactions` weights say
-    exactly that."""
+    """Params written before the models had the additive scale correction, the link, the tag
+    interactions or the tags' spread predict without them: zero `scale`, `link`,
+    `interactions` or tag variance weights say exactly that."""
+    width = scale_feature_count(layout.n_rating, layout.n_ext)
     if ("tag_weight" in params or "head" in params) and "scale" not in params:
-        width = scale_feature_count(layout.n_rating, layout.n_ext)
         params = {**params, "scale": {"kernel": np.zeros((width, 1), np.float32)}}
+    kernel = np.asarray(params["scale"]["kernel"]) if "scale" in params else None
+    if kernel is not None and len(kernel) < width:  # before the spread and long tail's
+        pad = np.zeros((width - len(kernel), 1))
+        params = {**params, "scale": {"kernel": np.concatenate([kernel, pad]).astype(np.float32)}}
+    if "tag_weight" in params and "tag_variance" not in params:
+        params = {**params, "tag_variance": np.zeros_like(np.asarray(params["tag_weight"]))}
+    if "head" in params and "variance" not in params["tags"]:
+        tags = {**params["tags"], "variance": np.zeros_like(np.asarray(params["tags"]["bias"]))}
+        params = {**params, "tags": tags}
     if ("tag_weight" in params or "head" in params) and "link" not in params:
         params = {**params, "link": {"kernel": np.zeros((len(LINK_KNOTS), 1), np.float32)}}
     if ("tag_weight" in params or "head" in params) and "interactions" not in params:

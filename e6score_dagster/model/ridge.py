@@ -44,20 +44,23 @@ from e6score_dagster.model.data import Batch, FeatureLayout, ParquetBatches
 from e6score_dagster.model.network import (
     CATEGORY_CODES,
     LINK_KNOTS,
+    SPREAD_FEATURES,
     UPLOADER_CATEGORY,
     effect_rows,
     gaussian_nll,
     interaction_rows,
     interaction_terms,
     link_features,
+    long_tail,
     metadata_features,
     scale_features,
 )
 from e6score_dagster.model.train import (
     Log,
     TrainResult,
-    calibrate_on_rows,
+    calibrate_scale,
     init_params,
+    predict_rows,
 )
 from e6score_dagster.schema import TAG_CATEGORIES
 
@@ -101,7 +104,7 @@ class Block:
     """Rows of a design stored together: dense metadata features `z` [n, d], the sparse tag
     part `s` [n, R] (a hashed tag's P probe columns at 1/P each, a dense tag's own column at
     1, then its interaction columns), and the rows' targets (log1p(favs), standardised),
-    ratings, file types and ids."""
+    ratings, file types, ids and `network.long_tail` columns."""
 
     z: np.ndarray
     s: sp.csr_matrix
@@ -109,6 +112,7 @@ class Block:
     rating: np.ndarray
     ext: np.ndarray
     ids: np.ndarray
+    tail: np.ndarray
 
     def __len__(self) -> int:
         return len(self.y)
@@ -139,18 +143,18 @@ class Block:
         s.data, s.indices = self.s.data[lo:hi], self.s.indices[lo:hi]
         s.indptr = self.s.indptr[a : b + 1] - lo
         return Block(self.z[a:b], s, self.y[a:b], self.rating[a:b], self.ext[a:b],
-                     self.ids[a:b])
+                     self.ids[a:b], self.tail[a:b])
 
     def take(self, keep: np.ndarray) -> Block:
         """The rows where `keep` holds (copied)."""
         idx = np.flatnonzero(keep)
         out = Block(self.z[idx], self.s[idx], self.y[idx], self.rating[idx], self.ext[idx],
-                    self.ids[idx])
+                    self.ids[idx], self.tail[idx])
         self.let_go()
         return out
 
 
-ROW_FIELDS = ("y", "rating", "ext", "ids")
+ROW_FIELDS = ("y", "rating", "ext", "ids", "tail")
 
 
 class _SpilledRows:
@@ -189,7 +193,7 @@ def _stack(blocks: list[Block]) -> Block:
     if len(blocks) == 1:
         return blocks.pop()
     whole = {k: np.concatenate([getattr(b, k) for b in blocks])
-             for k in ("z", "y", "rating", "ext", "ids")}
+             for k in ("z", *ROW_FIELDS)}
     s = _csr([b.s.indices for b in blocks], [b.s.data for b in blocks],
              [np.diff(b.s.indptr) for b in blocks], len(whole["y"]), blocks[0].s.shape[1])
     blocks.clear()
@@ -221,9 +225,10 @@ class Design:
 
     @classmethod
     def of(cls, z: np.ndarray, s: sp.csr_matrix, y: np.ndarray, **rows) -> Design:
-        """A design of one block (`rating`, `ext` and `ids` default to zeros)."""
+        """A design of one block (`rating`, `ext`, `ids` and `tail` default to zeros)."""
         n = len(y)
         extra = {k: rows.pop(k, np.zeros(n, np.int64)) for k in ("rating", "ext", "ids")}
+        extra["tail"] = rows.pop("tail", np.zeros((n, 2), np.float32))
         return cls([Block(z=z, s=s.tocsr(), y=y, **extra)], **rows)
 
     @property
@@ -242,9 +247,9 @@ class Design:
     def nnz(self) -> int:
         return sum(b.s.nnz for b in self.blocks)
 
-    # Every row's target, rating, file type, id and metadata features: the blocks' joined (a
-    # copy each time; the solver works block by block).
-    y, rating, ext, ids, z = _Joined(), _Joined(), _Joined(), _Joined(), _Joined()
+    # Every row's target, rating, file type, id, long tail and metadata features: the
+    # blocks' joined (a copy each time; the solver works block by block).
+    y, rating, ext, ids, tail, z = _Joined(), _Joined(), _Joined(), _Joined(), _Joined(), _Joined()
 
     @property
     def s(self) -> sp.csr_matrix:
@@ -348,6 +353,7 @@ def _encode(rows: Batch, config: ModelConfig, layout: FeatureLayout) -> tuple[Bl
         rating=np.asarray(rows["rating"]).astype(np.int8),
         ext=np.asarray(rows["ext"]).astype(np.int8),
         ids=np.asarray(rows["id"], np.int64),
+        tail=long_tail(tags, n_dense),
     )
     return block, tally
 
@@ -484,7 +490,8 @@ def group_name(group: int) -> str:
 class RidgeFit:
     theta: np.ndarray  # metadata weights, bias, tag rows (units of y_std)
     residual: np.ndarray  # on the training posts (units of y_std)
-    leverage: np.ndarray  # of each training post
+    leverage: np.ndarray  # of each training post (at most 0.95)
+    row_variance: np.ndarray  # each tag row's posterior variance, in units of the noise
     prior_precision: dict[int, float]  # per group, in units of the noise variance
     rounds: list[dict]  # per evidence round: cg iterations, validation NLL, seconds
     best_round: int
@@ -930,6 +937,7 @@ def fit_ridge(
         theta=theta,
         residual=y - products.forward(theta),
         leverage=np.clip(leverage, 0.0, 0.95),
+        row_variance=per_row,
         prior_precision={g: round(v, 4) for g, v in prior.items()},
         rounds=history,
         best_round=best_round + 1,
@@ -938,12 +946,17 @@ def fit_ridge(
     )
 
 
-def fit_log_scale(resid: np.ndarray, leverage: np.ndarray, features: np.ndarray) -> np.ndarray:
+def fit_log_scale(
+    resid: np.ndarray, leverage: np.ndarray, features: np.ndarray, used: np.ndarray | None = None
+) -> np.ndarray:
     """Coefficients (constant first) of log sigma = c + features @ a, by maximum likelihood
-    on the leverage-corrected residuals (a convex problem in (c, a)). A dozen coefficients:
-    at most SCALE_FIT_POSTS evenly spaced posts pin them down (standard errors near 0.002)."""
+    on the leverage-corrected residuals (a convex problem in (c, a)); features not `used`
+    (a mask of columns) get 0. A dozen coefficients: at most SCALE_FIT_POSTS evenly spaced
+    posts pin them down (standard errors near 0.002)."""
     every = max(1, -(-len(resid) // SCALE_FIT_POSTS))
     resid, leverage, features = resid[::every], leverage[::every], features[::every]
+    if used is not None:
+        features = features * used
     e = np.square(resid) / (1.0 - leverage)
     # A few wild residuals (a post with a million favourites) must not bend the whole curve.
     e = np.minimum(e, np.quantile(e, 0.999)) if len(e) else e
@@ -1078,6 +1091,7 @@ def to_params(
     }
     n_tags = len(init["tag_weight"])
     out["tag_weight"] = np.asarray(theta[n_metadata + 1 : n_metadata + 1 + n_tags], np.float32)
+    out["tag_variance"] = np.asarray(fit.row_variance[:n_tags], np.float32)
     inter = np.array(init["interactions"]["weight"], np.float32)  # one zero without dense tags
     rest = theta[n_metadata + 1 + n_tags :]
     inter[: len(rest)] = rest
@@ -1102,6 +1116,41 @@ def theta_of(params: dict) -> np.ndarray:
             inter,
         ]
     ).astype(np.float32)
+
+
+def _scaled(
+    config: ModelConfig,
+    layout: FeatureLayout,
+    fit: RidgeFit,
+    link: np.ndarray,
+    resid: np.ndarray,
+    features: np.ndarray,
+    val_rows: Batch | None,
+    n_metadata: int,
+    log: Log,
+) -> tuple[dict, float]:
+    """The fit's params with their log scale, and its calibration factor on the validation
+    rows. Two scales compete there: one of the mean, rating and file type alone, and one that
+    also widens with each post's spread and long tail (`network.tag_spread`, `long_tail`).
+    The spread is the diagonal approximation of a posterior's, and where it overstates how
+    little the fit knows of a post's tags the wider scale scores worse, so the validation
+    slice decides; without one the plain scale is kept."""
+    width = features.shape[1]
+    plain = (np.arange(width) < width - SPREAD_FEATURES).astype(np.float32)
+    has_val = val_rows is not None and len(val_rows["y"]) > 0
+    best: tuple[float, dict, float] | None = None
+    for used in (plain, np.ones(width, np.float32)) if has_val else (plain,):
+        params = to_params(fit, init_params(config, layout), n_metadata,
+                           fit_log_scale(resid, np.zeros_like(resid), features, used), link)
+        if not has_val:
+            return params, 1.0
+        y, mu, sigma = predict_rows(config, layout, params, val_rows)
+        factor = calibrate_scale(params, y, mu, sigma)
+        nll = float(np.mean(np.log(sigma))) + math.log(factor) + 0.5
+        if best is None or nll < best[0]:
+            best = (nll, params, factor)
+    log(f"scale: {'with' if best[1] is params else 'without'} the spread of each post's tags")
+    return best[1], best[2]
 
 
 def train_ridge(
@@ -1153,15 +1202,16 @@ def train_ridge(
     fit.theta[: len(shift)] += shift
     loo = loo + train_design.metadata(shift[:-1]) + shift[-1]
     mean = linked(link, loo)
+    # The scale is fitted to leave-one-out residuals, so each post's spread is the one it
+    # would have left out (what `network.tag_spread` gives a post the fit never saw): for
+    # leverage h, h / (1 - h) (Sherman-Morrison).
     features = scale_features(
         {"rating": train_design.rating, "ext": train_design.ext}, mean, layout.n_rating,
-        layout.n_ext,
+        layout.n_ext, fit.leverage / (1.0 - fit.leverage), train_design.tail,
     )
-    log_scale = fit_log_scale(y - mean, np.zeros_like(y), features)
-    params = to_params(fit, init_params(config, layout), train_design.n_metadata, log_scale, link)
-    factor = 1.0
-    if val_rows is not None and len(val_rows["y"]):
-        factor = calibrate_on_rows(config, layout, params, val_rows)
+    params, factor = _scaled(
+        config, layout, fit, link, y - mean, features, val_rows, train_design.n_metadata, log
+    )
     iterations = sum(r["cg_iterations"] for r in fit.rounds)
     noise = float(np.mean(np.square(fit.residual)))
     prior_sd = {
