@@ -38,6 +38,7 @@ from e6score_dagster.synthetic import (
     iter_chunks,
     reference,
 )
+from e6score_dagster.synthetic.reference import gaussian_nll
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
@@ -53,11 +54,6 @@ BEGIN, END = "<!-- worlds:begin -->", "<!-- worlds:end -->"
 def holdout_mask(ids: np.ndarray, fraction: float = HOLDOUT_FRACTION) -> np.ndarray:
     """The pipeline's hold-out rule (features.holdout_sql): Knuth hash of the id."""
     return (ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32) < fraction * 2**32
-
-
-def gaussian_nll(y: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
-    z = (y - mu) / sigma
-    return float(np.mean(np.log(sigma) + 0.5 * z * z + 0.5 * np.log(2 * np.pi)))
 
 
 def gap_split(y: np.ndarray, mean: np.ndarray, scale: np.ndarray, oracle_mean: np.ndarray,
@@ -76,14 +72,18 @@ def _name(world: str, posts: int, seed: int, posts_per_tag: float | None) -> str
     return f"{world}-{posts}-s{seed}" + (f"-ppt{posts_per_tag:g}" if posts_per_tag else "")
 
 
+def _n_tags(posts: int, posts_per_tag: float | None) -> int | None:
+    """The vocabulary's size for `posts_per_tag`; None: the world's own."""
+    return int(posts / posts_per_tag) if posts_per_tag else None
+
+
 def ensure_dump(world: str, posts: int, seed: int, posts_per_tag: float | None = None) -> Path:
     """The world's dump, generated once; `posts_per_tag` sets the vocabulary's size (posts /
     posts_per_tag tags) instead of the world's own."""
     out = WORK / f"world-{_name(world, posts, seed, posts_per_tag)}"
     if not (out / f"truth-{DATE}.parquet").exists():
         shutil.rmtree(out, ignore_errors=True)
-        n_tags = int(posts / posts_per_tag) if posts_per_tag else None
-        generate_dump(out, posts, DATE, seed, n_tags=n_tags, world=world)
+        generate_dump(out, posts, DATE, seed, n_tags=_n_tags(posts, posts_per_tag), world=world)
     return out
 
 
@@ -244,8 +244,9 @@ def measure(
     sp_oracle = float(spearmanr(live["oracle_score"], live["quality"]).statistic)
     deciles = np.histogram(df["fav_score"], bins=10, range=(0.0, 1.0))[0] / len(df)
     live_deciles = np.histogram(live["fav_score"], bins=10, range=(0.0, 1.0))[0] / len(live)
-    n_tags = int(posts / posts_per_tag) if posts_per_tag else None
-    learner = reference.evaluate(get_world(world), posts, DATE, seed, holdout_mask, n_tags)
+    learner = reference.evaluate(
+        get_world(world), posts, DATE, seed, holdout_mask, _n_tags(posts, posts_per_tag)
+    )
     sp_held = float(spearmanr(held["fav_score"], held["quality"]).statistic)
     record |= {
         "holdout_posts": int(len(held)),

@@ -66,8 +66,8 @@ def test_learner_lies_between_no_effects_and_the_oracle(world: str) -> None:
     prior_only = reference.Fit(np.zeros_like(fit.theta), p.scale**2 * reference.unit_variance(w))
     mean0, sd0, _ = reference.predictive(p, oracle, prior_only, held)
     y = p.y[held]
-    nll, nll0 = reference._nll(y, mean, sd), reference._nll(y, mean0, sd0)
-    oracle_nll = reference._nll(y, p.oracle[held, 0], p.oracle[held, 1])
+    nll, nll0 = reference.gaussian_nll(y, mean, sd), reference.gaussian_nll(y, mean0, sd0)
+    oracle_nll = reference.gaussian_nll(y, p.oracle[held, 0], p.oracle[held, 1])
     assert oracle_nll - 0.01 < nll < nll0 - 0.01
     assert np.all((score >= 0) & (score <= 1))
     assert float(np.corrcoef(score, p.quality[held])[0, 1]) > 0.3

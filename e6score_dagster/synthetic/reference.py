@@ -178,7 +178,8 @@ def predictive(p: Posts, oracle: Oracle, f: Fit, rows: np.ndarray):
     return first, np.sqrt(np.maximum(second - first**2, 1e-12)), score
 
 
-def _nll(y: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> float:
+def gaussian_nll(y: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> float:
+    """Mean Gaussian NLL of log1p(favs): how the worlds judge every predictive."""
     z = (y - mean) / sd
     return float(np.mean(np.log(sd) + 0.5 * z * z + 0.5 * np.log(2 * np.pi)))
 
@@ -204,8 +205,8 @@ def evaluate(
     rows = np.flatnonzero(held)
     mean, sd, score = predictive(p, oracle, f, rows)
     y, quality, truth = p.y[rows], p.quality[rows], p.oracle[rows]
-    oracle_nll = _nll(y, truth[:, 0], truth[:, 1])
-    nll = _nll(y, mean, sd)
+    oracle_nll = gaussian_nll(y, truth[:, 0], truth[:, 1])
+    nll = gaussian_nll(y, mean, sd)
     sp_oracle = float(stats.spearmanr(truth[:, 2], quality).statistic)
     return {
         "reference_nll": nll,
