@@ -70,9 +70,9 @@ def markdown(rows: list[dict]) -> str:
         "",
         "| world | posts | posts per tag | held-out NLL, model | oracle | gap (mean, scale) "
         "| Spearman ratio to the oracle | gap: posts of one-off uploaders (their share) / the "
-        "others' "
+        "others' | learner told the priors: gap / hold-out rank ratio (model's) "
         "| chosen | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["world"], r["posts"], r["posts_per_tag"])):
         own_ratio = get_world(r["world"]).posts_per_tag
@@ -80,7 +80,7 @@ def markdown(rows: list[dict]) -> str:
         if "model_nll" not in r:
             lines.append(
                 f"| {r['world']} | {r['posts']:,} | {r['posts_per_tag']:g}{own} "
-                f"| no scores: {r.get('failure', '')[:80]} | | | | | | {r['seconds']:.0f} |"
+                f"| no scores: {r.get('failure', '')[:80]} | | | | | | | {r['seconds']:.0f} |"
             )
             continue
         lines.append(
@@ -90,6 +90,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['spearman_ratio']:.3f} "
             f"| {r['gap_one_off_pct']:+.1f}% / {r['gap_regular_pct']:+.1f}% "
             f"({r['one_off_share']:.0%}) "
+            f"| {worlds._learner(r)} "
             f"| {r.get('chosen_candidate') or 'n/a'} "
             f"| {r['seconds']:.0f} |"
         )
