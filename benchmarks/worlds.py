@@ -35,7 +35,6 @@ from e6score_dagster.synthetic import (
     WORLDS,
     generate_dump,
     get_world,
-    iter_chunks,
     reference,
 )
 from e6score_dagster.synthetic.reference import gaussian_nll
@@ -91,29 +90,22 @@ def ensure_dump(world: str, posts: int, seed: int, posts_per_tag: float | None =
 
 
 def oracle_only(world: str, posts: int, seed: int) -> dict:
-    """The oracle's held-out NLL and Spearman with quality, straight from the generator."""
+    """The oracle's held-out NLL and Spearman with quality, straight from the generator, and
+    the learner told the priors on the same posts."""
     t0 = time.perf_counter()
-    _, chunks = iter_chunks(posts, DATE, seed, world=world)
-    parts = []
-    for chunk in chunks:
-        truth = chunk.truth.to_pandas()
-        truth["fav_count"] = np.asarray(chunk.posts["fav_count"], dtype=np.int64)
-        truth["live"] = np.asarray(chunk.posts["is_deleted"]) == "f"
-        parts.append(truth)
-    df = pd.concat(parts, ignore_index=True)
-    live = df[df["live"]]
-    held = live[holdout_mask(live["id"].to_numpy())]
-    y = np.log1p(held["fav_count"].to_numpy())
+    p = reference.posts_of(get_world(world), posts, DATE, seed)
+    live = ~p.deleted
+    held = live & holdout_mask(p.ids)
     return {
         "world": world,
         "posts": posts,
         "seed": seed,
-        "holdout_posts": int(len(held)),
-        "oracle_nll": gaussian_nll(y, held["oracle_mean"].to_numpy(), held["oracle_sd"].to_numpy()),
-        "oracle_spearman": float(spearmanr(live["oracle_score"], live["quality"]).statistic),
-        "fav_count_spearman": float(spearmanr(live["fav_count"], live["quality"]).statistic),
+        "holdout_posts": int(held.sum()),
+        "oracle_nll": gaussian_nll(p.y[held], p.oracle[held, 0], p.oracle[held, 1]),
+        "oracle_spearman": float(spearmanr(p.oracle[live, 2], p.quality[live]).statistic),
+        "fav_count_spearman": float(spearmanr(p.count[live], p.quality[live]).statistic),
         "seconds": round(time.perf_counter() - t0, 1),
-        **reference.evaluate(get_world(world), posts, DATE, seed, holdout_mask),
+        **reference.evaluate(p, get_world(world), holdout_mask),
     }
 
 
@@ -245,7 +237,9 @@ def measure(
     deciles = np.histogram(df["fav_score"], bins=10, range=(0.0, 1.0))[0] / len(df)
     live_deciles = np.histogram(live["fav_score"], bins=10, range=(0.0, 1.0))[0] / len(live)
     learner = reference.evaluate(
-        get_world(world), posts, DATE, seed, holdout_mask, _n_tags(posts, posts_per_tag)
+        reference.posts_of(get_world(world), posts, DATE, seed, _n_tags(posts, posts_per_tag)),
+        get_world(world),
+        holdout_mask,
     )
     sp_held = float(spearmanr(held["fav_score"], held["quality"]).statistic)
     record |= {

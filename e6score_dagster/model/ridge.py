@@ -1137,20 +1137,22 @@ def _scaled(
     slice decides; without one the plain scale is kept."""
     width = features.shape[1]
     plain = (np.arange(width) < width - SPREAD_FEATURES).astype(np.float32)
-    has_val = val_rows is not None and len(val_rows["y"]) > 0
-    best: tuple[float, dict, float] | None = None
-    for used in (plain, np.ones(width, np.float32)) if has_val else (plain,):
-        params = to_params(fit, init_params(config, layout), n_metadata,
-                           fit_log_scale(resid, np.zeros_like(resid), features, used), link)
-        if not has_val:
-            return params, 1.0
+
+    def scaled(used: np.ndarray) -> dict:
+        log_scale = fit_log_scale(resid, np.zeros_like(resid), features, used)
+        return to_params(fit, init_params(config, layout), n_metadata, log_scale, link)
+
+    if val_rows is None or not len(val_rows["y"]):
+        return scaled(plain), 1.0
+    options = []  # (calibrated validation NLL, params, factor), the plain scale first
+    for used in (plain, np.ones(width, np.float32)):
+        params = scaled(used)
         y, mu, sigma = predict_rows(config, layout, params, val_rows)
         factor = calibrate_scale(params, y, mu, sigma)
-        nll = float(np.mean(np.log(sigma))) + math.log(factor) + 0.5
-        if best is None or nll < best[0]:
-            best = (nll, params, factor)
-    log(f"scale: {'with' if best[1] is params else 'without'} the spread of each post's tags")
-    return best[1], best[2]
+        options.append((float(np.mean(np.log(sigma))) + math.log(factor) + 0.5, params, factor))
+    widened = options[1][0] < options[0][0]
+    log(f"scale: {'with' if widened else 'without'} the spread of each post's tags")
+    return options[widened][1:]
 
 
 def train_ridge(

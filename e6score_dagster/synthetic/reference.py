@@ -184,20 +184,18 @@ def gaussian_nll(y: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> float:
     return float(np.mean(np.log(sd) + 0.5 * z * z + 0.5 * np.log(2 * np.pi)))
 
 
-def evaluate(
-    world: World,
-    posts: int,
-    date: str,
-    seed: int,
-    holdout: Callable[[np.ndarray], np.ndarray],
-    n_tags: int | None = None,
-) -> dict:
-    """The learner fitted on a dump's live training posts and judged on its live hold-out
-    posts (`holdout(ids)`) beside the oracle: held-out NLL, and the Spearman of each one's
-    score with the hidden quality over the same posts."""
-    t0 = time.perf_counter()
+def posts_of(world: World, posts: int, date: str, seed: int, n_tags: int | None = None) -> Posts:
+    """A generated dump's posts (`iter_chunks` with these arguments), collected. The hidden
+    design is not in the dump's files, so a dump on disk is generated again for it."""
     vocab, chunks = iter_chunks(posts, date, seed, n_tags=n_tags, world=world)
-    p = collect(chunks, vocab, world)
+    return collect(chunks, vocab, world)
+
+
+def evaluate(p: Posts, world: World, holdout: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """The learner fitted on the live training posts and judged on the live hold-out posts
+    (`holdout(ids)`) beside the oracle: held-out NLL, and the Spearman of each one's score
+    with the hidden quality over the same posts."""
+    t0 = time.perf_counter()
     live = ~p.deleted
     held = live & holdout(p.ids)
     oracle = Oracle(world)
