@@ -24,6 +24,8 @@ from e6score_dagster.definitions import PIPELINE
 from e6score_dagster.model.network import CATEGORY_CODES, UPLOADER_CATEGORY
 from e6score_dagster_tests.conftest import DUMP_DATE, materialize, post_row, write_dump
 
+SLOTS = FeatureConfig().max_tags  # 96: post 5's 120 tags overflow it
+
 DATE = "2024-06-30"
 TAGS = [["1", "fox", "5", "2"], ["2", "wolf", "5", "2"], ["3", "someartist", "1", "2"],
         ["4", "solo", "0", "3"], ["5", "unused", "0", "0"]]
@@ -69,12 +71,12 @@ def test_vocabulary_has_category_frequency_and_dense_index(built):
 def test_feature_matrix_rows_tags_and_flags(built):
     _, m = built
     assert sorted(m.index) == [1, 2, 3, 4, 5, 6]
-    assert {len(t) for t in m["tags"]} == {64}
+    assert {len(t) for t in m["tags"]} == {SLOTS}
     # Every post shares uploader 10 (rank 1): the uploader code comes first, then the tags.
     uploader = 1 * CATEGORY_CODES + UPLOADER_CATEGORY
     assert {t[0] for t in m["tags"]} == {uploader}
-    assert list(m.loc[4, "tags"]) == [uploader] + [0] * 63  # no tags: the rest is padding
-    assert (m.loc[5, "tags"] > 0).all()  # 120 tags truncated to 64
+    assert list(m.loc[4, "tags"]) == [uploader] + [0] * (SLOTS - 1)  # no tags: padding
+    assert (m.loc[5, "tags"] > 0).all()  # 120 tags truncated to SLOTS
     assert m.loc[3, "trainable"] == False  # noqa: E712  deleted posts are scored, not trained on
     assert m.loc[2, "rating_idx"] == 1 and m.loc[3, "rating_idx"] == 2
     assert m.loc[4, "ext_idx"] == 0 and m.loc[2, "ext_idx"] == FILE_EXTS.index("webm") + 1
@@ -93,9 +95,9 @@ def test_tag_slots_put_identity_tags_then_frequent_ones_first(built):
     # Non-general first (artist and species tie on frequency: then by index; the unknown
     # category counts as non-general), each group by frequency; then the general tags.
     assert slots == ["someartist", "wolf", "rare_tag", "solo"]
-    # Post 5's 120 general tags: 63 slots after the uploader, the most frequent kept.
+    # Post 5's 120 general tags: SLOTS - 1 slots after the uploader, the most frequent kept.
     kept = [name_of[c // CATEGORY_CODES] for c in m.loc[5, "tags"][1:]]
-    assert len(kept) == 63 and set(kept) <= {f"t{i:02d}" for i in range(60)} | {
+    assert len(kept) == SLOTS - 1 and set(kept) <= {f"t{i:02d}" for i in range(60)} | {
         f"u{i:02d}" for i in range(60)}
     assert m.loc[5, "log_tag_count"] == pytest.approx(math.log(121), abs=1e-5)
     assert m.loc[4, "log_tag_count"] == 0.0
