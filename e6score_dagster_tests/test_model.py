@@ -131,6 +131,22 @@ def test_streamed_rows_train_as_well_as_resident_ones(fitted, monkeypatch):
     assert nll[1] < evaluate(CONFIG, layout, streamed.params, holdout)["constant_nll"] - 0.2
 
 
+def test_resident_rows_predict_slice_by_slice_as_the_streamed_batches_do(fitted, monkeypatch):
+    """Resident rows are predicted in slices with only a few queued at once; every post's
+    prediction is its own, in order, as from the file one batch at a time."""
+    path, layout, result = fitted
+    trainer = importlib.import_module("e6score_dagster.model.train")
+    holdout = ParquetBatches(path, layout, 256, rows="holdout")
+    fwd = trainer.forward_for(CONFIG, layout)
+    y0, mu0, sigma0 = trainer._predict(fwd, result.params, holdout)
+    monkeypatch.setattr(trainer, "PREDICT_BATCH", 48)  # 400 posts: 9 slices, the last padded
+    y, mu, sigma = predict(CONFIG, layout, result.params, holdout)
+    assert len(y) == 400 and np.array_equal(y, y0)
+    np.testing.assert_allclose(mu, mu0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sigma, sigma0, rtol=1e-5, atol=1e-6)
+    assert np.std(mu) > 0.1  # posts differ: a slice read twice would show
+
+
 def test_same_seed_same_params_other_seed_differs(fitted, tmp_path):
     path, layout, result = fitted
     again = train(CONFIG, layout, ParquetBatches(path, layout, CONFIG.batch_size, rows="train",

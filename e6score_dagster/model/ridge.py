@@ -951,10 +951,7 @@ def fit_log_scale(
 ) -> np.ndarray:
     """Coefficients (constant first) of log sigma = c + features @ a, by maximum likelihood
     on the leverage-corrected residuals (a convex problem in (c, a)); features not `used`
-    (a mask of columns) get 0. A dozen coefficients: at most SCALE_FIT_POSTS evenly spaced
-    posts pin them down (standard errors near 0.002)."""
-    every = max(1, -(-len(resid) // SCALE_FIT_POSTS))
-    resid, leverage, features = resid[::every], leverage[::every], features[::every]
+    (a mask of columns) get 0. Callers pass the `scale_sample` of their posts."""
     if used is not None:
         features = features * used
     e = np.square(resid) / (1.0 - leverage)
@@ -988,6 +985,13 @@ def fit_log_scale(
         if float(grad @ step) < 1e-12:  # the Newton decrement: converged
             break
     return beta
+
+
+def scale_sample(n: int) -> slice:
+    """The posts the log scale is fitted on, of `n`: at most SCALE_FIT_POSTS evenly spaced. A
+    dozen coefficients, so these pin them down (standard errors near 0.002), and their
+    features are all that is built (at 6M posts, all of them were 0.5 GB of the fit's peak)."""
+    return slice(None, None, max(1, -(-n // SCALE_FIT_POSTS)))
 
 
 def _slices(n: int) -> Iterator[slice]:
@@ -1207,13 +1211,14 @@ def train_ridge(
     # The scale is fitted to leave-one-out residuals, so each post's spread is the one it
     # would have left out (what `network.tag_spread` gives a post the fit never saw): for
     # leverage h, h / (1 - h) (Sherman-Morrison).
+    rows = scale_sample(len(y))
+    h = fit.leverage[rows]
     features = scale_features(
-        {"rating": train_design.rating, "ext": train_design.ext}, mean, layout.n_rating,
-        layout.n_ext, fit.leverage / (1.0 - fit.leverage), train_design.tail,
+        {"rating": train_design.rating[rows], "ext": train_design.ext[rows]}, mean[rows],
+        layout.n_rating, layout.n_ext, h / (1.0 - h), train_design.tail[rows],
     )
-    params, factor = _scaled(
-        config, layout, fit, link, y - mean, features, val_rows, train_design.n_metadata, log
-    )
+    params, factor = _scaled(config, layout, fit, link, (y - mean)[rows], features, val_rows,
+                             train_design.n_metadata, log)
     iterations = sum(r["cg_iterations"] for r in fit.rounds)
     noise = float(np.mean(np.square(fit.residual)))
     prior_sd = {

@@ -46,6 +46,10 @@ CPU_RESIDENT_MAX_BYTES = 100_000_000
 # so every batch size sees the same number of posts.
 REFERENCE_BATCH = 2048
 PREDICT_BATCH = 8192
+# Slices of a prediction queued at once: JAX dispatches asynchronously, and with every slice
+# queued each held its inputs and the deep forward's temporaries together (1 GB of the 6M
+# fit's peak on a CPU for 200k validation posts). A few keep the device busy.
+PREDICT_IN_FLIGHT = 2
 # Rows scored more than once (a validation or hold-out slice, by every candidate) are loaded
 # once and kept up to this size; larger sets stream.
 RESIDENT_PREDICT_BYTES = 256_000_000
@@ -276,8 +280,8 @@ def _predict(fwd: Callable, params: dict, data: ParquetBatches) -> tuple[np.ndar
 
 
 def _predict_rows(fwd: Callable, params: dict, rows: Batch) -> tuple[np.ndarray, ...]:
-    """(y, mu, sigma) of resident rows: fixed-size slices dispatched back to back, one
-    transfer to the host at the end."""
+    """(y, mu, sigma) of resident rows: fixed-size slices dispatched back to back, at most
+    PREDICT_IN_FLIGHT at a time, one transfer to the host at the end."""
     n = len(rows["y"])
     if n == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0)
@@ -289,6 +293,8 @@ def _predict_rows(fwd: Callable, params: dict, rows: Batch) -> tuple[np.ndarray,
         if pad:  # the last slice, padded to the compiled size (not a copy of all the rows)
             part = {k: np.concatenate([v, rows[k][:pad]]) for k, v in part.items()}
         outs.append(fwd(params, part))
+        if len(outs) > PREDICT_IN_FLIGHT:
+            outs[-PREDICT_IN_FLIGHT - 1][0].block_until_ready()
     mu = np.asarray(jnp.concatenate([o[0] for o in outs]))[:n]
     sigma = np.asarray(jnp.concatenate([o[1] for o in outs]))[:n]
     return rows["y"], mu, sigma
